@@ -1,0 +1,8 @@
+//! The iptables interception path (`--mode=iptables`), for kernels where the eBPF programs
+//! cannot attach. This crate owns everything that touches iptables: which backend the machine
+//! uses (legacy or nf_tables), rendering meshd's rule set, applying it atomically with
+//! `iptables-restore`, checking what was applied, and removing it.
+
+mod backend;
+
+pub use backend::{Backend, BackendError};

@@ -1,0 +1,212 @@
+//! meshd's kernel side. Each program is one hook doing one job; the maps it touches are declared
+//! beside it. Layouts of keys and values come from `mesh-common`.
+//!
+//! - `mesh_connect4` (cgroup/connect4): steer a workload's outbound TCP connect to the proxy's
+//!   :15001 and remember where it wanted to go, keyed by socket cookie.
+//! - `mesh_sockops` (sockops): once the steered connection is established, copy the record to
+//!   the key the proxy can compute from `accept()` (the app socket's local ip:port); drop the
+//!   cookie record when the socket closes.
+//! - `mesh_getpeername4` (cgroup/getpeername4): the application sees its original peer.
+//! - `mesh_sk_lookup` (sk_lookup): new inbound connections to captured ports go to :15006.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use mesh_common::{
+    counters, ports, MeshConfig, OrigDst, SockKey, DELIVERY_SOURCE_IP, EXCLUSION_MAP_ENTRIES,
+    ORIG_DST_MAP_ENTRIES,
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const SOCK_STREAM: u32 = 1;
+const LOOPBACK_V4: u32 = 0x7f00_0001;
+/// Return values of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const SK_PASS: u32 = 1;
+
+#[map]
+static MESH_CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_MAP_ENTRIES, 0);
+#[map]
+static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_MAP_ENTRIES, 0);
+/// Destination ports (host byte order) that are never steered.
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCLUSION_MAP_ENTRIES, 0);
+/// Destination CIDRs (address bytes in network order) that are never steered.
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<u32, u8> =
+    LpmTrie::with_max_entries(EXCLUSION_MAP_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+/// Local ports (host byte order) whose new inbound connections are captured.
+#[map]
+static INBOUND_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCLUSION_MAP_ENTRIES, 0);
+/// Slot 0 holds meshd's :15006 listening socket.
+#[map]
+static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+#[map]
+static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = MESH_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = MESH_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if cfg.enabled == 0 || sa.protocol != IPPROTO_TCP || sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    if is_excluded(sa, cfg) {
+        count(counters::EXCLUDED);
+        return ALLOW;
+    }
+    let orig = OrigDst {
+        ip: sa.user_ip4,
+        port: u16::from_be(sa.user_port as u16),
+        _pad: 0,
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    // SAFETY: the context pointer is a valid bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        // Without a record the proxy could not tell where to go: refusing the connect is safer
+        // than letting it leave the node in plaintext around the mesh.
+        count(counters::RECORD_FAILED);
+        return REJECT;
+    }
+    sa.user_ip4 = LOOPBACK_V4.to_be();
+    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    count(counters::STEERED);
+    ALLOW
+}
+
+/// Loopback, meshd's own ports, configured ports and CIDRs, and meshd's own sockets (by mark or
+/// uid: a second guard, meshd does not run in a workload cgroup) are left alone.
+#[inline(always)]
+fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig) -> bool {
+    let ip = u32::from_be(sa.user_ip4);
+    let port = u16::from_be(sa.user_port as u16);
+    if ip >> 24 == 127 || ports::ALL.contains(&port) {
+        return true;
+    }
+    // SAFETY: map lookups with plain-data keys.
+    if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
+        return true;
+    }
+    if EXCLUDED_CIDRS.get(&Key::new(32, sa.user_ip4)).is_some() {
+        return true;
+    }
+    // SAFETY: the union holds the socket pointer for sock_addr programs.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if !sk.is_null() && cfg.proxy_mark != 0 && unsafe { (*sk).mark } == cfg.proxy_mark {
+        return true;
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    cfg.proxy_uid != u32::MAX && uid == cfg.proxy_uid
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: the context pointer is a valid bpf_sock_ops.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+        }
+        _ => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn rekey_established(ctx: &SockOpsContext) {
+    if ctx.family() != AF_INET {
+        return;
+    }
+    // SAFETY: the context pointer is a valid bpf_sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = SockKey {
+        ip: ctx.local_ip4(),
+        port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    if ORIG_DST_BY_TUPLE.insert(&key, &orig, 0).is_ok() {
+        count(counters::REKEYED);
+    }
+    // Ask for state callbacks so the cookie record goes when the socket closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is a valid bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    if let Some(orig) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }.copied() {
+        // SAFETY: as above.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.ip;
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    ALLOW
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands a valid bpf_sk_lookup.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.family != AF_INET || lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // meshd's own deliveries come from 127.0.0.6 and must reach the workload itself.
+    if u32::from_be(lk.remote_ip4) == DELIVERY_SOURCE_IP {
+        return SK_PASS;
+    }
+    let port = lk.local_port as u16;
+    // SAFETY: map lookup with a plain-data key.
+    if unsafe { INBOUND_PORTS.get(&port) }.is_none() {
+        return SK_PASS;
+    }
+    if INBOUND_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_ok() {
+        count(counters::INBOUND_CAPTURED);
+    }
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,8 @@
+//! meshd: a node-level transparent mTLS proxy. This library holds every stage of a connection's
+//! path; `main.rs` is only the command line. See ARCHITECTURE.md for the path of one connection.
+
+pub mod cleanup;
+pub mod cli;
+pub mod doctor;
+pub mod intercept;
+pub mod sys;

@@ -1,0 +1,26 @@
+//! The `meshd` command line. Everything it does lives in the library (src/lib.rs).
+
+use clap::Parser;
+use meshd::cli::{self, Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Doctor => cli::doctor(&cli.assume_missing),
+        Command::Cleanup => meshd::cleanup::run(),
+        Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Small facts about the host that several stages need: which filesystems the kernel offers,
+//! where cgroup v2 and bpffs are mounted (mounting them when absent), and a throwaway network
+//! namespace for probes that must not touch the node's own network state.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Where meshd mounts cgroup v2 on machines that have none mounted.
+pub const CGROUP2_FALLBACK_MOUNT: &str = "/run/meshd/cgroup2";
+/// bpffs: the conventional place, mounted by meshd when absent.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// One line of /proc/self/mountinfo, the fields meshd cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+}
+
+/// Parses mountinfo text: `id parent maj:min root mountpoint opts [optional...] - fstype src`.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            Some(Mount {
+                mount_point: PathBuf::from(unescape_octal(mount_point)),
+                fstype: fstype.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(byte as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+pub fn mounts() -> Vec<Mount> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default()
+}
+
+/// The first mount point of a filesystem type, if any.
+pub fn mount_of(fstype: &str) -> Option<PathBuf> {
+    mounts()
+        .into_iter()
+        .find(|m| m.fstype == fstype)
+        .map(|m| m.mount_point)
+}
+
+/// Whether the kernel offers a filesystem type (/proc/filesystems).
+pub fn filesystem_supported(fstype: &str) -> bool {
+    fs::read_to_string("/proc/filesystems")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().last() == Some(fstype))
+        })
+        .unwrap_or(false)
+}
+
+/// The cgroup v2 mount, mounting one at [`CGROUP2_FALLBACK_MOUNT`] when the machine has none.
+pub fn ensure_cgroup2() -> Result<PathBuf> {
+    ensure_mounted("cgroup2", Path::new(CGROUP2_FALLBACK_MOUNT))
+}
+
+/// The bpffs mount, mounting one at [`BPFFS_MOUNT`] when the machine has none.
+pub fn ensure_bpffs() -> Result<PathBuf> {
+    ensure_mounted("bpf", Path::new(BPFFS_MOUNT))
+}
+
+fn ensure_mounted(fstype: &str, fallback: &Path) -> Result<PathBuf> {
+    if let Some(found) = mount_of(fstype) {
+        return Ok(found);
+    }
+    if !filesystem_supported(fstype) {
+        bail!("the kernel does not offer the {fstype} filesystem");
+    }
+    fs::create_dir_all(fallback).with_context(|| format!("create {}", fallback.display()))?;
+    nix::mount::mount(
+        Some(fstype),
+        fallback,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount {fstype} at {} (needs root)", fallback.display()))?;
+    tracing::info!(fstype, path = %fallback.display(), "mounted");
+    Ok(fallback.to_path_buf())
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `f` on a thread that lives in a new, empty network namespace; the namespace disappears
+/// with the thread, so whatever `f` (or a process it starts) changes there touches nothing else.
+pub fn in_scratch_netns<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare(CLONE_NEWNET): cannot create a network namespace")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_finds_cgroup2_and_unescapes_spaces() {
+        let text = "30 23 0:26 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                    41 23 0:40 / /mnt/with\\040space rw shared:1 - bpf bpf rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m[0].mount_point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(m[0].fstype, "cgroup2");
+        assert_eq!(m[1].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(m[1].fstype, "bpf");
+    }
+
+    #[test]
+    fn mountinfo_skips_malformed_lines() {
+        assert!(parse_mountinfo("garbage\n\n1 2 3").is_empty());
+    }
+}
