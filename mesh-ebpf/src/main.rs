@@ -91,7 +91,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the context pointer is a valid bpf_sock_addr.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_DST_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without a record the proxy could not tell where to go: refusing the connect is safer
         // than letting it leave the node in plaintext around the mesh.
         count(counters::RECORD_FAILED);
@@ -113,10 +113,10 @@ fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig) -> bool {
         return true;
     }
     // SAFETY: map lookups with plain-data keys.
-    if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
         return true;
     }
-    if EXCLUDED_CIDRS.get(&Key::new(32, sa.user_ip4)).is_some() {
+    if EXCLUDED_CIDRS.get(Key::new(32, sa.user_ip4)).is_some() {
         return true;
     }
     // SAFETY: the union holds the socket pointer for sock_addr programs.
@@ -135,7 +135,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: the context pointer is a valid bpf_sock_ops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+            let _ = ORIG_DST_BY_COOKIE.remove(cookie);
         }
         _ => {}
     }
@@ -150,7 +150,7 @@ fn rekey_established(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is a valid bpf_sock_ops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let key = SockKey {
@@ -158,7 +158,7 @@ fn rekey_established(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: 0,
     };
-    if ORIG_DST_BY_TUPLE.insert(&key, &orig, 0).is_ok() {
+    if ORIG_DST_BY_TUPLE.insert(key, orig, 0).is_ok() {
         count(counters::REKEYED);
     }
     // Ask for state callbacks so the cookie record goes when the socket closes.
@@ -170,7 +170,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is a valid bpf_sock_addr.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }.copied() {
+    if let Some(orig) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) }.copied() {
         // SAFETY: as above.
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = orig.ip;
@@ -192,7 +192,7 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let port = lk.local_port as u16;
     // SAFETY: map lookup with a plain-data key.
-    if unsafe { INBOUND_PORTS.get(&port) }.is_none() {
+    if unsafe { INBOUND_PORTS.get(port) }.is_none() {
         return SK_PASS;
     }
     if INBOUND_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_ok() {

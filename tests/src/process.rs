@@ -1,0 +1,146 @@
+//! Processes in test nodes. Each is started straight into its cgroup and its node's network
+//! namespace (in the child, between fork and exec), so not one instruction of it runs outside
+//! them. Its stdout is read line by line on a thread, so tests wait for a readiness line with a
+//! deadline instead of sleeping.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::net::TestNode;
+
+pub struct Process {
+    child: Child,
+    lines: Receiver<String>,
+    pub cgroup: PathBuf,
+    /// cgroup v2 id: the inode number of the cgroup directory (what eBPF programs see).
+    pub cgroup_id: u64,
+    pub argv: Vec<String>,
+}
+
+/// A process started as a workload (in its own cgroup).
+pub type Workload = Process;
+/// A process started in a node's non-workload `host` cgroup.
+pub type HostProcess = Process;
+
+impl Process {
+    pub(crate) fn spawn(node: &TestNode, cgroup: &Path, argv: &[&str]) -> Result<Process> {
+        let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
+        std::fs::create_dir_all(cgroup)
+            .with_context(|| format!("create cgroup {}", cgroup.display()))?;
+        let netns = File::open(node.netns_path())
+            .with_context(|| format!("open {}", node.netns_path().display()))?;
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
+        let (netns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe calls (write, setns) on fds opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process, i.e. this child, into the cgroup.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("start {argv:?} in {}", node.netns))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let cgroup_id = std::os::linux::fs::MetadataExt::st_ino(&std::fs::metadata(cgroup)?);
+        Ok(Process {
+            child,
+            lines,
+            cgroup: cgroup.to_path_buf(),
+            cgroup_id,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The next stdout line, waiting at most `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Ok(line),
+            Err(RecvTimeoutError::Timeout) => {
+                bail!("{:?}: no output within {timeout:?}", self.argv)
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait()?;
+                bail!("{:?} exited ({status}) before printing a line", self.argv)
+            }
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the line.
+    pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.next_line(left)?;
+            if line.starts_with(prefix) {
+                return Ok(line);
+            }
+        }
+    }
+
+    /// Waits for exit (killing it after `timeout`) and returns its status and the rest of its
+    /// stdout.
+    pub fn wait_output(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let rest: Vec<String> = self.lines.iter().collect();
+                return Ok((status, rest.join("\n")));
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("{:?} still running after {timeout:?}: killed", self.argv);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends a signal (SIGTERM for a graceful stop, SIGKILL to simulate a crash).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.pid());
+        nix::sys::signal::kill(pid, signal).context("kill")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Our own child, by its pid; reaped so no zombie outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
