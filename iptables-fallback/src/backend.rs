@@ -58,6 +58,14 @@ impl Backend {
         }
     }
 
+    /// The `iptables-save` command of this backend.
+    pub fn save(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy-save",
+            Backend::Nft => "iptables-nft-save",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::Legacy => "legacy",

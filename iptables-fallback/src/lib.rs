@@ -4,5 +4,7 @@
 //! `iptables-restore`, checking what was applied, and removing it.
 
 mod backend;
+mod rules;
 
 pub use backend::{Backend, BackendError};
+pub use rules::{Error, Iptables, RuleSpec, CHAINS};

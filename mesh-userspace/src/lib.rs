@@ -6,3 +6,4 @@ pub mod cli;
 pub mod doctor;
 pub mod intercept;
 pub mod sys;
+pub mod config;

@@ -1,0 +1,344 @@
+//! meshd's configuration file (YAML): the node's workloads (who they are, which cgroup holds
+//! them, which ports they serve) and what interception leaves alone. Every mistake is reported
+//! with the field it is in and what is wrong with it.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::Deserialize;
+
+/// A configuration error: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config {field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    #[serde(default)]
+    pub exclude: Exclude,
+    #[serde(default)]
+    pub proxy: ProxySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Defaults to the workload name.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// The workload's cgroup, relative to the cgroup v2 mount (a leading `/` is allowed).
+    pub cgroup: PathBuf,
+    /// Ports the workload serves; new inbound connections to them are captured.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exclude {
+    /// Destination ports never intercepted.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Destination CIDRs never intercepted.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// SO_MARK on meshd's own upstream sockets; both modes skip sockets carrying it.
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// A uid whose sockets are never intercepted (meshd's, when it runs as a dedicated user).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// bpffs directory for meshd's pinned links and maps.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+fn default_mark() -> u32 {
+    0x539
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(crate::sys::BPFFS_MOUNT).join(crate::cleanup::PIN_DIR_NAME)
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            mark: default_mark(),
+            uid: None,
+            pin_dir: default_pin_dir(),
+        }
+    }
+}
+
+/// An IPv4 network, `a.b.c.d/len`, with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR (a.b.c.d/len)"))?;
+        let prefix: u8 = match prefix.parse() {
+            Ok(p) if p <= 32 => p,
+            _ => return Err(format!("{s:?}: prefix length must be 0..=32")),
+        };
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(format!("{s:?} has host bits set; did you mean {network}/{prefix}?"));
+        }
+        Ok(Ipv4Cidr { addr, prefix })
+    }
+}
+
+impl Ipv4Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A workload as meshd runs it: the config entry with its cgroup found on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Absolute path of the cgroup directory.
+    pub cgroup_path: PathBuf,
+    /// cgroup v2 id (the directory's inode number), what eBPF programs report.
+    pub cgroup_id: u64,
+    pub ports: Vec<u16>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub workloads: Vec<Workload>,
+    pub excluded_ports: Vec<u16>,
+    pub excluded_cidrs: Vec<Ipv4Cidr>,
+    pub proxy: ProxySettings,
+}
+
+impl Validated {
+    /// Every port some workload serves (what inbound capture takes).
+    pub fn inbound_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.workloads.iter().flat_map(|w| w.ports.clone()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// Reads and validates a config file; cgroup paths are resolved under `cgroup_root`.
+pub fn load(path: &Path, cgroup_root: &Path) -> Result<Validated, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("file", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text, cgroup_root)
+}
+
+pub fn parse(text: &str, cgroup_root: &Path) -> Result<Validated, ConfigError> {
+    let config: Config = serde_yaml::from_str(text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!("line {} column {}", l.line(), l.column()))
+            .unwrap_or_else(|| "document".into());
+        err(at, e.to_string())
+    })?;
+    config.validate(cgroup_root)
+}
+
+impl Config {
+    pub fn validate(self, cgroup_root: &Path) -> Result<Validated, ConfigError> {
+        let mut workloads = Vec::new();
+        let mut names = HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let field = |f: &str| format!("workloads[{i}].{f}");
+            if w.name.is_empty() {
+                return Err(err(field("name"), "must not be empty"));
+            }
+            if !names.insert(&w.name) {
+                return Err(err(field("name"), format!("{:?} is used twice", w.name)));
+            }
+            workloads.push(w.resolve(cgroup_root, &field)?);
+        }
+        for (i, port) in self.exclude.ports.iter().enumerate() {
+            if *port == 0 {
+                return Err(err(format!("exclude.ports[{i}]"), "port 0 is not a port"));
+            }
+        }
+        let excluded_cidrs = (self.exclude.cidrs.iter().enumerate())
+            .map(|(i, c)| c.parse().map_err(|r| err(format!("exclude.cidrs[{i}]"), r)))
+            .collect::<Result<Vec<Ipv4Cidr>, _>>()?;
+        if self.proxy.mark == 0 {
+            return Err(err("proxy.mark", "must not be 0 (unmarked sockets carry 0)"));
+        }
+        Ok(Validated {
+            workloads,
+            excluded_ports: self.exclude.ports,
+            excluded_cidrs,
+            proxy: self.proxy,
+        })
+    }
+}
+
+impl WorkloadConfig {
+    fn resolve(
+        &self,
+        cgroup_root: &Path,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<Workload, ConfigError> {
+        let relative = self.cgroup.strip_prefix("/").unwrap_or(&self.cgroup);
+        if relative.as_os_str().is_empty() {
+            return Err(err(
+                field("cgroup"),
+                "is the cgroup root: meshd attaches only to workload cgroups below it",
+            ));
+        }
+        if relative.components().any(|c| c.as_os_str() == "..") {
+            return Err(err(field("cgroup"), "must not contain `..`"));
+        }
+        let cgroup_path = cgroup_root.join(relative);
+        let meta = std::fs::metadata(&cgroup_path).map_err(|e| {
+            let reason = format!("{} does not exist ({e})", cgroup_path.display());
+            err(field("cgroup"), reason)
+        })?;
+        if !meta.is_dir() || !cgroup_path.join("cgroup.procs").exists() {
+            let reason = format!("{} is not a cgroup v2 directory", cgroup_path.display());
+            return Err(err(field("cgroup"), reason));
+        }
+        for (j, port) in self.ports.iter().enumerate() {
+            if *port == 0 || mesh_common::ports::ALL.contains(port) {
+                let reason = format!("{port} is not a workload port (0 or one of meshd's own)");
+                return Err(err(field(&format!("ports[{j}]")), reason));
+            }
+        }
+        Ok(Workload {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone().unwrap_or(self.name.clone()),
+            cgroup_id: std::os::linux::fs::MetadataExt::st_ino(&meta),
+            cgroup_path,
+            ports: self.ports.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> tempdir::Dir {
+        tempdir::Dir::new()
+    }
+
+    /// A fake cgroup root: directories with a `cgroup.procs` file.
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let n = N.fetch_add(1, Ordering::SeqCst);
+                let p = std::env::temp_dir().join(format!("meshd-cfg-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(p.join("app")).unwrap();
+                std::fs::write(p.join("app/cgroup.procs"), "").unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_config_is_accepted_with_defaults_filled() {
+        let r = root();
+        let text = "workloads:\n- name: checkout\n  cgroup: /app\n  ports: [8080]\n\
+                    exclude:\n  ports: [22]\n  cidrs: [10.0.0.0/8]\n";
+        let v = parse(text, &r.0).unwrap();
+        assert_eq!(v.workloads[0].service_account, "checkout");
+        assert_eq!(v.workloads[0].namespace, "default");
+        assert_eq!(v.workloads[0].cgroup_path, r.0.join("app"));
+        assert_eq!(v.excluded_cidrs[0].to_string(), "10.0.0.0/8");
+        assert_eq!(v.inbound_ports(), vec![8080]);
+        assert_eq!(v.proxy.mark, 0x539);
+    }
+
+    #[test]
+    fn each_mistake_names_its_field() {
+        let r = root();
+        let cases = [
+            ("workloads:\n- name: a\n  cgroup: /missing\n", "workloads[0].cgroup", "does not exist"),
+            ("workloads:\n- name: a\n  cgroup: /\n", "workloads[0].cgroup", "cgroup root"),
+            ("workloads:\n- name: a\n  cgroup: /app/../..\n", "workloads[0].cgroup", ".."),
+            ("exclude:\n  cidrs: [10.0.0.1/8]\n", "exclude.cidrs[0]", "did you mean 10.0.0.0/8"),
+            ("exclude:\n  cidrs: [banana]\n", "exclude.cidrs[0]", "not an IPv4 CIDR"),
+            ("exclude:\n  cidrs: [10.0.0.0/33]\n", "exclude.cidrs[0]", "prefix length"),
+            ("workloads:\n- name: a\n  cgroup: /app\n  ports: [15001]\n", "ports[0]", "meshd's own"),
+            ("workloads:\n- {name: a, cgroup: /app}\n- {name: a, cgroup: /app}\n", "workloads[1].name", "twice"),
+            ("proxy:\n  mark: 0\n", "proxy.mark", "must not be 0"),
+            ("workload: []\n", "line 1", "unknown field"),
+            ("exclude:\n  ports: [70000]\n", "line 2", "invalid value"),
+        ];
+        for (text, field, reason) in cases {
+            let e = parse(text, &r.0).unwrap_err();
+            assert!(e.field.contains(field), "{text:?}: field {:?}", e.field);
+            assert!(e.to_string().contains(reason), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cidr_contains_its_addresses_only() {
+        let c: Ipv4Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(198, 19, 255, 1)));
+        assert!(!c.contains(Ipv4Addr::new(198, 20, 0, 1)));
+        let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+    }
+}
