@@ -1,6 +1,6 @@
 //! `meshd cleanup`: remove what a meshd that did not stop cleanly (kill -9, crash) left behind.
 //! meshd pins every link and map it creates under one bpffs directory, so removing that
-//! directory detaches its programs; iptables chains are found by their MESH_ prefix.
+//! directory detaches its programs; iptables chains are found by their MESH_ names.
 
 use std::path::{Path, PathBuf};
 
@@ -8,11 +8,6 @@ use anyhow::{Context, Result};
 
 /// Directory name under the bpffs mount that holds everything meshd pins.
 pub const PIN_DIR_NAME: &str = "meshd";
-
-/// The pin directory on this machine's bpffs, if bpffs is mounted.
-pub fn pin_dir() -> Option<PathBuf> {
-    crate::sys::mount_of("bpf").map(|m| m.join(PIN_DIR_NAME))
-}
 
 /// Removes meshd's pinned objects; returns what was removed.
 pub fn remove_pins(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -36,16 +31,21 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Runs `meshd cleanup` and reports what it removed.
-pub fn run() -> Result<()> {
-    let Some(dir) = pin_dir() else {
-        println!("bpffs is not mounted: no pinned meshd objects");
-        return Ok(());
-    };
+/// Runs `meshd cleanup`: pinned links and maps under `pin_dir` (default `<bpffs>/meshd`), and
+/// meshd's iptables chains in this network namespace. Reports what it removed.
+pub fn run(pin_dir: Option<PathBuf>) -> Result<()> {
+    let dir = pin_dir.unwrap_or_else(crate::config::default_pin_dir);
     let removed = remove_pins(&dir)?;
     for path in &removed {
         println!("removed {}", path.display());
     }
-    println!("cleanup done: {} pinned objects removed", removed.len());
+    println!("{} pinned objects removed from {}", removed.len(), dir.display());
+    match iptables_fallback::Iptables::detect() {
+        Ok(ipt) => {
+            let n = ipt.remove().context("remove meshd's iptables rules")?;
+            println!("{n} iptables chains and jumps removed");
+        }
+        Err(e) => println!("iptables not usable here ({e}): no rules to remove"),
+    }
     Ok(())
 }

@@ -43,7 +43,20 @@ pub enum Command {
     /// Probe the kernel capabilities each mode needs and say which mode `auto` would pick.
     Doctor,
     /// Remove every program, link, pinned object and rule meshd made (after a crash).
-    Cleanup,
+    Cleanup {
+        /// The pin directory meshd used (`proxy.pin_dir`); default `<bpffs>/meshd`.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Show the iptables rule set a configuration produces.
+    Iptables {
+        /// Print the rules instead of applying them (the only action for now).
+        #[arg(long, required = true)]
+        dry_run: bool,
+        /// Configuration file (YAML).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// Runs `meshd doctor`: prints the report; fails when no mode can run.
@@ -83,14 +96,25 @@ pub fn resolve_mode(choice: ModeChoice, assume_missing: &[String]) -> Result<Mod
     Ok(mode)
 }
 
-/// `meshd run`: picks the mode, then hands over to the proxy.
+/// `meshd run`: validates the config, picks the mode, then runs the proxy until stopped.
 pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[String]) -> Result<()> {
     if !crate::sys::is_root() {
         bail!("meshd run needs root (it attaches eBPF programs or installs iptables rules)");
     }
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", config.display()))?;
+    let cgroup_root = crate::sys::ensure_cgroup2()?;
+    let cfg = crate::config::load(config, &cgroup_root)?;
     let mode = resolve_mode(choice, assume_missing)?;
-    tracing::info!(%mode, config = %config.display(), bytes = text.len(), "starting");
-    bail!("the proxy is not part of this build yet: interception lands with issue 3")
+    tracing::info!(%mode, config = %config.display(), "starting");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::app::run(mode, cfg))
+}
+
+/// `meshd iptables --dry-run`: the `iptables-restore` input for this configuration.
+pub fn iptables_dry_run(config: &std::path::Path) -> Result<()> {
+    let cgroup_root = crate::sys::ensure_cgroup2()?;
+    let cfg = crate::config::load(config, &cgroup_root)?;
+    print!("{}", crate::intercept::iptables::rule_spec(&cfg).render());
+    Ok(())
 }

@@ -87,7 +87,8 @@ fn default_mark() -> u32 {
     0x539
 }
 
-fn default_pin_dir() -> PathBuf {
+/// `/sys/fs/bpf/meshd`.
+pub fn default_pin_dir() -> PathBuf {
     PathBuf::from(crate::sys::BPFFS_MOUNT).join(crate::cleanup::PIN_DIR_NAME)
 }
 

@@ -7,3 +7,7 @@ pub mod doctor;
 pub mod intercept;
 pub mod sys;
 pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod admin;
+pub mod app;

@@ -13,7 +13,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor => cli::doctor(&cli.assume_missing),
-        Command::Cleanup => meshd::cleanup::run(),
+        Command::Cleanup { pin_dir } => meshd::cleanup::run(pin_dir),
+        Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
         Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
     };
     match result {

@@ -1,7 +1,21 @@
 //! Interception: how an application's connection reaches meshd and how meshd learns where it
-//! wanted to go. Two modes, one question answered for the proxy above this line.
+//! wanted to go and which workload made it. Two modes answer that one question behind the
+//! [`Interception`] trait; nothing above this module knows which mode runs.
 
-use std::fmt;
+pub mod ebpf;
+pub mod iptables;
+mod orig_dst;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use tokio::net::TcpStream;
+
+use crate::config::Workload;
 
 /// The eBPF object compiled from `mesh-ebpf` by build.rs, embedded in the binary.
 pub static EBPF_OBJECT: &[u8] =
@@ -32,4 +46,70 @@ pub enum ModeChoice {
     Iptables,
     /// ebpf when `meshd doctor`'s probe passes, otherwise iptables.
     Auto,
+}
+
+/// Where an intercepted outbound connection wanted to go, and who made it.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub dst: SocketAddrV4,
+    /// `None` when the sender could not be tied to a configured workload.
+    pub workload: Option<Arc<Workload>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("no original destination recorded for {0} (not an intercepted connection?)")]
+    NoRecord(SocketAddr),
+    #[error("IPv6 connection {0}: only IPv4 is intercepted")]
+    NotIpv4(SocketAddr),
+    #[error("reading the original destination: {0}")]
+    Os(#[from] std::io::Error),
+}
+
+/// The one interface between the interception modes and the proxy.
+pub trait Interception: Send + Sync {
+    fn mode(&self) -> Mode;
+    /// For a connection accepted on :15001: where the application wanted to go.
+    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError>;
+    /// For a connection accepted on :15006: the address its peer dialled.
+    fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError>;
+    /// A line about the state interception keeps (map fill levels, rule counts) for the log.
+    fn status(&self) -> String;
+    /// Removes every program, link, pin or rule this mode installed.
+    fn uninstall(&self) -> anyhow::Result<()>;
+}
+
+/// The configured workloads, found by what each mode learns about a connection's sender.
+#[derive(Debug, Default)]
+pub struct Workloads {
+    by_cgroup_id: HashMap<u64, Arc<Workload>>,
+}
+
+impl Workloads {
+    pub fn new(list: &[Workload]) -> Workloads {
+        let by_cgroup_id = list
+            .iter()
+            .map(|w| (w.cgroup_id, Arc::new(w.clone())))
+            .collect();
+        Workloads { by_cgroup_id }
+    }
+
+    pub fn by_cgroup_id(&self, id: u64) -> Option<Arc<Workload>> {
+        self.by_cgroup_id.get(&id).cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_cgroup_id.values()
+    }
+}
+
+/// The IPv4 form of an address, or the error saying it is not one.
+pub(crate) fn v4(addr: SocketAddr) -> Result<SocketAddrV4, OriginError> {
+    match addr {
+        SocketAddr::V4(a) => Ok(a),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(ip) => Ok(SocketAddrV4::new(ip, a.port())),
+            None => Err(OriginError::NotIpv4(addr)),
+        },
+    }
 }

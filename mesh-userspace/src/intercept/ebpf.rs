@@ -1,0 +1,219 @@
+//! `--mode=ebpf`: load meshd's eBPF object, fill its settings maps, attach connect4,
+//! getpeername4 and sockops to every workload cgroup and sk_lookup to this network namespace.
+//! Every link is pinned under the pin directory: if meshd dies, steered connections keep
+//! arriving at its (closed) port and fail instead of leaving the node in plaintext, until
+//! `meshd cleanup` or the next start removes them.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+    },
+    Ebpf,
+};
+use mesh_common::{counters, names, ports, MeshConfig, OrigDst, SockKey};
+use tokio::net::TcpStream;
+
+use super::{v4, Interception, Mode, Origin, OriginError, Workloads, EBPF_OBJECT};
+use crate::config::Validated;
+
+pub struct EbpfInterception {
+    /// Keeps the programs and maps loaded for as long as meshd runs.
+    _bpf: Mutex<Ebpf>,
+    by_tuple: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    by_cookie: HashMap<MapData, u64, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+    links: Mutex<Vec<PinnedLink>>,
+    pin_dir: PathBuf,
+    workloads: Workloads,
+}
+
+/// Loads, configures and attaches everything; `inbound_listener` is the :15006 socket that
+/// sk_lookup hands captured connections to.
+/// A failure half-way removes what was pinned so far.
+pub fn install(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
+    crate::sys::ensure_bpffs()?;
+    remove_stale_pins(&cfg.proxy.pin_dir)?;
+    attach_all(cfg, inbound_listener).inspect_err(|_| {
+        let _ = crate::cleanup::remove_pins(&cfg.proxy.pin_dir);
+    })
+}
+
+fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
+    let pin_dir = cfg.proxy.pin_dir.clone();
+    std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {}", pin_dir.display()))?;
+    let mut bpf = Ebpf::load(EBPF_OBJECT).context("load meshd's eBPF object")?;
+    fill_settings(&mut bpf, cfg, inbound_listener)?;
+    let mut links = Vec::new();
+    let mut pin = |link: FdLink, name: String| -> Result<()> {
+        let path = pin_dir.join(name);
+        links.push(link.pin(&path).with_context(|| format!("pin {}", path.display()))?);
+        Ok(())
+    };
+    for prog in [names::PROG_CONNECT4, names::PROG_GETPEERNAME4] {
+        let p: &mut CgroupSockAddr = program(&mut bpf, prog)?;
+        p.load().with_context(|| format!("load {prog}"))?;
+        for w in &cfg.workloads {
+            let id = p.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
+            pin(FdLink::try_from(p.take_link(id)?)?, format!("{}_{prog}", w.name))?;
+        }
+    }
+    let sockops: &mut SockOps = program(&mut bpf, names::PROG_SOCKOPS)?;
+    sockops.load().context("load sockops")?;
+    for w in &cfg.workloads {
+        let id = sockops.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
+        pin(FdLink::try_from(sockops.take_link(id)?)?, format!("{}_sockops", w.name))?;
+    }
+    let lookup: &mut SkLookup = program(&mut bpf, names::PROG_SK_LOOKUP)?;
+    lookup.load().context("load sk_lookup")?;
+    let netns = File::open("/proc/self/ns/net").context("open this network namespace")?;
+    let id = lookup.attach(netns).context("attach sk_lookup to this network namespace")?;
+    pin(FdLink::from(lookup.take_link(id)?), "netns_sk_lookup".into())?;
+
+    let by_tuple = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_TUPLE)?)?;
+    let by_cookie = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_COOKIE)?)?;
+    let counters = PerCpuArray::try_from(take_map(&mut bpf, names::MAP_COUNTERS)?)?;
+    Ok(EbpfInterception {
+        _bpf: Mutex::new(bpf),
+        by_tuple: Mutex::new(by_tuple),
+        by_cookie,
+        counters,
+        links: Mutex::new(links),
+        pin_dir,
+        workloads: Workloads::new(&cfg.workloads),
+    })
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = bpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    Ok(p.try_into()?)
+}
+
+fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    bpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn cgroup_fd(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("open cgroup {}", path.display()))
+}
+
+/// Links left pinned by a meshd that did not stop cleanly still steer traffic to this node's
+/// ports; they are replaced by the ones this run attaches.
+fn remove_stale_pins(pin_dir: &Path) -> Result<()> {
+    let removed = crate::cleanup::remove_pins(pin_dir)?;
+    if !removed.is_empty() {
+        tracing::warn!(count = removed.len(), dir = %pin_dir.display(),
+            "removed links pinned by an earlier meshd that did not stop cleanly");
+    }
+    Ok(())
+}
+
+fn fill_settings(bpf: &mut Ebpf, cfg: &Validated, inbound: &impl AsRawFd) -> Result<()> {
+    let mut settings: HashMap<_, u16, u8> = HashMap::try_from(map(bpf, names::MAP_EXCLUDED_PORTS)?)?;
+    for port in &cfg.excluded_ports {
+        settings.insert(port, 1, 0)?;
+    }
+    let mut cidrs: LpmTrie<_, u32, u8> = LpmTrie::try_from(map(bpf, names::MAP_EXCLUDED_CIDRS)?)?;
+    for c in &cfg.excluded_cidrs {
+        cidrs.insert(&Key::new(u32::from(c.prefix), ip_key(c.addr)), 1, 0)?;
+    }
+    let mut inbound_ports: HashMap<_, u16, u8> =
+        HashMap::try_from(map(bpf, names::MAP_INBOUND_PORTS)?)?;
+    for port in cfg.inbound_ports() {
+        inbound_ports.insert(port, 1, 0)?;
+    }
+    let mut listener = SockMap::try_from(map(bpf, names::MAP_INBOUND_LISTENER)?)?;
+    listener.set(0, inbound, 0).context("put the :15006 listener in the sockmap")?;
+    let mut config: Array<_, MeshConfig> = Array::try_from(map(bpf, names::MAP_CONFIG)?)?;
+    let settings = MeshConfig {
+        outbound_port: ports::OUTBOUND,
+        _pad: 0,
+        proxy_mark: cfg.proxy.mark,
+        proxy_uid: cfg.proxy.uid.unwrap_or(u32::MAX),
+        enabled: 1,
+    };
+    config.set(0, settings, 0)?;
+    Ok(())
+}
+
+fn map<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    bpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// An address as the kernel stores it in `user_ip4` (network byte order in memory).
+fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+impl Interception for EbpfInterception {
+    fn mode(&self) -> Mode {
+        Mode::Ebpf
+    }
+
+    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
+        let peer = conn.peer_addr()?;
+        let app = v4(peer)?;
+        let key = SockKey {
+            ip: ip_key(*app.ip()),
+            port: app.port(),
+            _pad: 0,
+        };
+        let mut map = self.by_tuple.lock().unwrap_or_else(|p| p.into_inner());
+        let record = map.get(&key, 0).map_err(|_| OriginError::NoRecord(peer))?;
+        // Read once: the entry goes now rather than waiting for LRU eviction.
+        let _ = map.remove(&key);
+        drop(map);
+        let ip = Ipv4Addr::from(record.ip.to_ne_bytes());
+        Ok(Origin {
+            dst: SocketAddrV4::new(ip, record.port),
+            workload: self.workloads.by_cgroup_id(record.cgroup_id),
+        })
+    }
+
+    fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError> {
+        // sk_lookup hands over the connection unchanged: its local address is what was dialled.
+        v4(conn.local_addr()?)
+    }
+
+    fn status(&self) -> String {
+        let tuple = self.by_tuple.lock().map(|m| m.keys().count()).unwrap_or(0);
+        let cookie = self.by_cookie.keys().count();
+        let sum = |i: u32| self.counters.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        format!(
+            "orig-dst maps: {cookie}/{cap} by cookie, {tuple}/{cap} by tuple; steered {} \
+             excluded {} record-failed {} inbound-captured {}",
+            sum(counters::STEERED),
+            sum(counters::EXCLUDED),
+            sum(counters::RECORD_FAILED),
+            sum(counters::INBOUND_CAPTURED),
+            cap = mesh_common::ORIG_DST_MAP_ENTRIES,
+        )
+    }
+
+    fn uninstall(&self) -> Result<()> {
+        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
+        for link in links {
+            // Unpinned and dropped: the last reference goes and the kernel detaches it.
+            drop(link.unpin().context("unpin link")?);
+        }
+        crate::cleanup::remove_pins(&self.pin_dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! `--mode=iptables`: nat REDIRECT rules (the `iptables-fallback` crate) send outbound TCP to
+//! :15001 and inbound TCP for workload ports to :15006. The original destination comes from
+//! SO_ORIGINAL_DST; the sending workload from the socket's owner: the application's end of the
+//! connection in /proc/net/tcp gives a socket inode, and the process holding that inode among
+//! the workload cgroups' processes names the workload.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use iptables_fallback::{Iptables, RuleSpec};
+use mesh_common::{ports, DELIVERY_SOURCE_IP};
+use procfs::process::{FDTarget, Process};
+use tokio::net::TcpStream;
+
+use super::{orig_dst::original_dst, v4, Interception, Mode, Origin, OriginError, Workloads};
+use crate::config::{Validated, Workload};
+
+pub struct IptablesInterception {
+    iptables: Iptables,
+    workloads: Workloads,
+}
+
+/// The rule set a configuration asks for.
+pub fn rule_spec(cfg: &Validated) -> RuleSpec {
+    RuleSpec {
+        outbound_port: ports::OUTBOUND,
+        inbound_port: ports::INBOUND_PLAINTEXT,
+        proxy_mark: cfg.proxy.mark,
+        proxy_uid: cfg.proxy.uid,
+        proxy_ports: ports::ALL.to_vec(),
+        excluded_ports: cfg.excluded_ports.clone(),
+        excluded_cidrs: cfg.excluded_cidrs.iter().map(|c| c.to_string()).collect(),
+        inbound_ports: cfg.inbound_ports(),
+        delivery_source: DELIVERY_SOURCE_IP.into(),
+    }
+}
+
+/// Applies the rule set in this network namespace (replacing any earlier copy) and verifies it.
+pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
+    let iptables = Iptables::detect()?;
+    iptables
+        .apply(&rule_spec(cfg))
+        .context("install meshd's iptables rules")?;
+    tracing::info!(backend = iptables.backend.name(), "iptables rules applied and verified");
+    Ok(IptablesInterception {
+        iptables,
+        workloads: Workloads::new(&cfg.workloads),
+    })
+}
+
+impl IptablesInterception {
+    /// The workload whose process owns the application end `app` -> `dst`.
+    fn owner(&self, app: SocketAddrV4, dst: SocketAddrV4) -> Option<Arc<Workload>> {
+        let (app, dst) = (SocketAddr::V4(app), SocketAddr::V4(dst));
+        let table = procfs::net::tcp().ok()?;
+        let entry = table
+            .iter()
+            .find(|e| e.local_address == app && e.remote_address == dst)?;
+        self.workloads
+            .iter()
+            .find(|w| cgroup_holds_socket(&w.cgroup_path, entry.inode))
+            .cloned()
+    }
+}
+
+/// Whether a process in `cgroup` (not its descendants) has socket `inode` open.
+fn cgroup_holds_socket(cgroup: &Path, inode: u64) -> bool {
+    let pids = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    pids.lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .filter_map(|pid| Process::new(pid).ok()?.fd().ok())
+        .any(|mut fds| {
+            fds.any(|fd| fd.is_ok_and(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode)))
+        })
+}
+
+impl Interception for IptablesInterception {
+    fn mode(&self) -> Mode {
+        Mode::Iptables
+    }
+
+    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
+        let peer = conn.peer_addr()?;
+        let dst = original_dst(conn).map_err(|_| OriginError::NoRecord(peer))?;
+        Ok(Origin {
+            dst,
+            workload: self.owner(v4(peer)?, dst),
+        })
+    }
+
+    fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError> {
+        let peer = conn.peer_addr()?;
+        original_dst(conn).map_err(|_| OriginError::NoRecord(peer))
+    }
+
+    fn status(&self) -> String {
+        match self.iptables.present() {
+            Ok(true) => format!("iptables rules present ({})", self.iptables.backend.name()),
+            Ok(false) => "iptables rules MISSING: someone removed them".into(),
+            Err(e) => format!("iptables rules unknown: {e}"),
+        }
+    }
+
+    fn uninstall(&self) -> Result<()> {
+        let removed = self.iptables.remove()?;
+        tracing::info!(removed, "iptables rules removed");
+        Ok(())
+    }
+}

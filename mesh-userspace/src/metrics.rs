@@ -1,0 +1,94 @@
+//! Prometheus metrics (served on :15020 at /metrics). Every connection meshd handles and every
+//! one it refuses is counted here, with the reason.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+    /// `sent` (application to destination) or `received`.
+    pub way: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnLabels, Counter>,
+    pub rejected: Family<RejectLabels, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub active: Family<ConnLabels, Gauge>,
+    pub bpf_map_entries: Family<MapLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("meshd");
+        let m = Metrics {
+            connections: Family::default(),
+            rejected: Family::default(),
+            bytes: Family::default(),
+            active: Family::default(),
+            bpf_map_entries: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Connections proxied, by direction and interception mode",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections refused, by direction and reason",
+            m.rejected.clone(),
+        );
+        registry.register("bytes", "Bytes relayed", m.bytes.clone());
+        registry.register("active_connections", "Connections open now", m.active.clone());
+        registry.register(
+            "bpf_map_entries",
+            "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)",
+            m.bpf_map_entries.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, direction: Direction, reason: &'static str) {
+        self.rejected
+            .get_or_create(&RejectLabels { direction, reason })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
