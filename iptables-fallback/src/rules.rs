@@ -16,7 +16,12 @@ use std::{
 
 use crate::Backend;
 
-pub const CHAINS: [&str; 4] = ["MESH_OUTPUT", "MESH_REDIRECT", "MESH_INBOUND", "MESH_IN_REDIRECT"];
+pub const CHAINS: [&str; 4] = [
+    "MESH_OUTPUT",
+    "MESH_REDIRECT",
+    "MESH_INBOUND",
+    "MESH_IN_REDIRECT",
+];
 /// Built-in chain -> meshd chain it jumps to.
 const JUMPS: [(&str, &str); 2] = [("OUTPUT", "MESH_OUTPUT"), ("PREROUTING", "MESH_INBOUND")];
 /// The multiport match takes at most 15 ports.
@@ -56,22 +61,34 @@ pub struct RuleSpec {
 impl RuleSpec {
     /// The rules of meshd's chains, as `(chain, match-and-target)` in order.
     pub fn chain_rules(&self) -> Vec<(&'static str, String)> {
-        let mut out = vec![("MESH_OUTPUT", format!("-m mark --mark {:#x} -j RETURN", self.proxy_mark))];
+        let mut out = vec![(
+            "MESH_OUTPUT",
+            format!("-m mark --mark {:#x} -j RETURN", self.proxy_mark),
+        )];
         if let Some(uid) = self.proxy_uid {
-            out.push(("MESH_OUTPUT", format!("-m owner --uid-owner {uid} -j RETURN")));
+            out.push((
+                "MESH_OUTPUT",
+                format!("-m owner --uid-owner {uid} -j RETURN"),
+            ));
         }
         out.push(("MESH_OUTPUT", "-d 127.0.0.0/8 -j RETURN".into()));
         let mut skip_ports = self.proxy_ports.clone();
         skip_ports.extend(&self.excluded_ports);
         for group in port_groups(&skip_ports) {
-            out.push(("MESH_OUTPUT", format!("-p tcp -m multiport --dports {group} -j RETURN")));
+            out.push((
+                "MESH_OUTPUT",
+                format!("-p tcp -m multiport --dports {group} -j RETURN"),
+            ));
         }
         for cidr in &self.excluded_cidrs {
             out.push(("MESH_OUTPUT", format!("-d {cidr} -j RETURN")));
         }
         out.push(("MESH_OUTPUT", "-p tcp -j MESH_REDIRECT".into()));
         let to = self.outbound_port;
-        out.push(("MESH_REDIRECT", format!("-p tcp -j REDIRECT --to-ports {to}")));
+        out.push((
+            "MESH_REDIRECT",
+            format!("-p tcp -j REDIRECT --to-ports {to}"),
+        ));
         let src = self.delivery_source;
         out.push(("MESH_INBOUND", format!("-s {src}/32 -j RETURN")));
         for group in port_groups(&self.inbound_ports) {
@@ -79,7 +96,10 @@ impl RuleSpec {
             out.push(("MESH_INBOUND", rule));
         }
         let to = self.inbound_port;
-        out.push(("MESH_IN_REDIRECT", format!("-p tcp -j REDIRECT --to-ports {to}")));
+        out.push((
+            "MESH_IN_REDIRECT",
+            format!("-p tcp -j REDIRECT --to-ports {to}"),
+        ));
         out
     }
 
@@ -159,13 +179,17 @@ impl Iptables {
             let want = rules.iter().filter(|(c, _)| *c == chain).count();
             let got = count_rules(&saved, chain, None);
             if want != got {
-                return Err(Error::Verify(format!("{chain} has {got} rules, want {want}")));
+                return Err(Error::Verify(format!(
+                    "{chain} has {got} rules, want {want}"
+                )));
             }
         }
         for (builtin, chain) in JUMPS {
             let got = count_rules(&saved, builtin, Some(chain));
             if got != 1 {
-                return Err(Error::Verify(format!("{builtin} jumps to {chain} {got} times")));
+                return Err(Error::Verify(format!(
+                    "{builtin} jumps to {chain} {got} times"
+                )));
             }
         }
         Ok(())
@@ -278,7 +302,10 @@ mod tests {
     #[test]
     fn rendered_rules_return_before_they_redirect() {
         let text = spec().render();
-        let pos = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("{needle}\n{text}"));
+        let pos = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle}\n{text}"))
+        };
         assert!(pos("--mark 0x539 -j RETURN") < pos("-j MESH_REDIRECT"));
         assert!(pos("--uid-owner 1337 -j RETURN") < pos("-j MESH_REDIRECT"));
         assert!(pos("--dports 22,15001,15006,15008 -j RETURN") < pos("-j MESH_REDIRECT"));

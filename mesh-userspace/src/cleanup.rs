@@ -39,7 +39,11 @@ pub fn run(pin_dir: Option<PathBuf>) -> Result<()> {
     for path in &removed {
         println!("removed {}", path.display());
     }
-    println!("{} pinned objects removed from {}", removed.len(), dir.display());
+    println!(
+        "{} pinned objects removed from {}",
+        removed.len(),
+        dir.display()
+    );
     match iptables_fallback::Iptables::detect() {
         Ok(ipt) => {
             let n = ipt.remove().context("remove meshd's iptables rules")?;

@@ -123,7 +123,9 @@ impl FromStr for Ipv4Cidr {
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         let network = Ipv4Addr::from(u32::from(addr) & mask);
         if network != addr {
-            return Err(format!("{s:?} has host bits set; did you mean {network}/{prefix}?"));
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {network}/{prefix}?"
+            ));
         }
         Ok(Ipv4Cidr { addr, prefix })
     }
@@ -131,7 +133,9 @@ impl FromStr for Ipv4Cidr {
 
 impl Ipv4Cidr {
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
         u32::from(ip) & mask == u32::from(self.addr)
     }
 }
@@ -167,7 +171,11 @@ pub struct Validated {
 impl Validated {
     /// Every port some workload serves (what inbound capture takes).
     pub fn inbound_ports(&self) -> Vec<u16> {
-        let mut ports: Vec<u16> = self.workloads.iter().flat_map(|w| w.ports.clone()).collect();
+        let mut ports: Vec<u16> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.ports.clone())
+            .collect();
         ports.sort_unstable();
         ports.dedup();
         ports
@@ -215,7 +223,10 @@ impl Config {
             .map(|(i, c)| c.parse().map_err(|r| err(format!("exclude.cidrs[{i}]"), r)))
             .collect::<Result<Vec<Ipv4Cidr>, _>>()?;
         if self.proxy.mark == 0 {
-            return Err(err("proxy.mark", "must not be 0 (unmarked sockets carry 0)"));
+            return Err(err(
+                "proxy.mark",
+                "must not be 0 (unmarked sockets carry 0)",
+            ));
         }
         Ok(Validated {
             workloads,
@@ -315,14 +326,46 @@ mod tests {
     fn each_mistake_names_its_field() {
         let r = root();
         let cases = [
-            ("workloads:\n- name: a\n  cgroup: /missing\n", "workloads[0].cgroup", "does not exist"),
-            ("workloads:\n- name: a\n  cgroup: /\n", "workloads[0].cgroup", "cgroup root"),
-            ("workloads:\n- name: a\n  cgroup: /app/../..\n", "workloads[0].cgroup", ".."),
-            ("exclude:\n  cidrs: [10.0.0.1/8]\n", "exclude.cidrs[0]", "did you mean 10.0.0.0/8"),
-            ("exclude:\n  cidrs: [banana]\n", "exclude.cidrs[0]", "not an IPv4 CIDR"),
-            ("exclude:\n  cidrs: [10.0.0.0/33]\n", "exclude.cidrs[0]", "prefix length"),
-            ("workloads:\n- name: a\n  cgroup: /app\n  ports: [15001]\n", "ports[0]", "meshd's own"),
-            ("workloads:\n- {name: a, cgroup: /app}\n- {name: a, cgroup: /app}\n", "workloads[1].name", "twice"),
+            (
+                "workloads:\n- name: a\n  cgroup: /missing\n",
+                "workloads[0].cgroup",
+                "does not exist",
+            ),
+            (
+                "workloads:\n- name: a\n  cgroup: /\n",
+                "workloads[0].cgroup",
+                "cgroup root",
+            ),
+            (
+                "workloads:\n- name: a\n  cgroup: /app/../..\n",
+                "workloads[0].cgroup",
+                "..",
+            ),
+            (
+                "exclude:\n  cidrs: [10.0.0.1/8]\n",
+                "exclude.cidrs[0]",
+                "did you mean 10.0.0.0/8",
+            ),
+            (
+                "exclude:\n  cidrs: [banana]\n",
+                "exclude.cidrs[0]",
+                "not an IPv4 CIDR",
+            ),
+            (
+                "exclude:\n  cidrs: [10.0.0.0/33]\n",
+                "exclude.cidrs[0]",
+                "prefix length",
+            ),
+            (
+                "workloads:\n- name: a\n  cgroup: /app\n  ports: [15001]\n",
+                "ports[0]",
+                "meshd's own",
+            ),
+            (
+                "workloads:\n- {name: a, cgroup: /app}\n- {name: a, cgroup: /app}\n",
+                "workloads[1].name",
+                "twice",
+            ),
             ("proxy:\n  mark: 0\n", "proxy.mark", "must not be 0"),
             ("workload: []\n", "line 1", "unknown field"),
             ("exclude:\n  ports: [70000]\n", "line 2", "invalid value"),

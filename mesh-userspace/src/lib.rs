@@ -1,13 +1,13 @@
 //! meshd: a node-level transparent mTLS proxy. This library holds every stage of a connection's
 //! path; `main.rs` is only the command line. See ARCHITECTURE.md for the path of one connection.
 
-pub mod cleanup;
-pub mod cli;
-pub mod doctor;
-pub mod intercept;
-pub mod sys;
-pub mod config;
-pub mod metrics;
-pub mod proxy;
 pub mod admin;
 pub mod app;
+pub mod cleanup;
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod intercept;
+pub mod metrics;
+pub mod proxy;
+pub mod sys;

@@ -68,7 +68,11 @@ impl Default for Metrics {
             m.rejected.clone(),
         );
         registry.register("bytes", "Bytes relayed", m.bytes.clone());
-        registry.register("active_connections", "Connections open now", m.active.clone());
+        registry.register(
+            "active_connections",
+            "Connections open now",
+            m.active.clone(),
+        );
         registry.register(
             "bpf_map_entries",
             "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)",

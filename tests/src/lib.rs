@@ -9,12 +9,14 @@
 //! print why and pass locally, and fail under `CI=true` so a green CI never hides a skip.
 
 mod footprint;
+mod mesh;
 mod net;
 mod process;
 
 pub use footprint::Footprint;
+pub use mesh::{Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};
-pub use process::{HostProcess, Workload};
+pub use process::{HostProcess, Process, Workload};
 
 use std::path::PathBuf;
 

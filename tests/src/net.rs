@@ -89,6 +89,11 @@ impl TestNet {
         ip(&node.netns, &["link", "set", "lo", "up"])
     }
 
+    /// The name every object of this net carries.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     pub fn node(&self, index: usize) -> &TestNode {
         &self.nodes[index]
     }

@@ -20,6 +20,8 @@ use crate::net::TestNode;
 pub struct Process {
     child: Child,
     lines: Receiver<String>,
+    /// Every line read so far, stdout and stderr interleaved as they arrived.
+    seen: Vec<String>,
     pub cgroup: PathBuf,
     /// cgroup v2 id: the inode number of the cgroup directory (what eBPF programs see).
     pub cgroup_id: u64,
@@ -47,7 +49,7 @@ impl Process {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls (write, setns) on fds opened before the fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -64,15 +66,9 @@ impl Process {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("start {argv:?} in {}", node.netns))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        forward_lines(child.stdout.take().expect("piped"), tx.clone());
+        forward_lines(child.stderr.take().expect("piped"), tx);
         let cgroup_id = std::os::linux::fs::MetadataExt::st_ino(&std::fs::metadata(cgroup)?);
         Ok(Process {
             child,
@@ -80,7 +76,14 @@ impl Process {
             cgroup: cgroup.to_path_buf(),
             cgroup_id,
             argv: argv.iter().map(|s| s.to_string()).collect(),
+            seen: Vec::new(),
         })
+    }
+
+    /// Every line the process has printed so far (stdout and stderr), without waiting.
+    pub fn output_so_far(&mut self) -> Vec<String> {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.clone()
     }
 
     pub fn pid(&self) -> i32 {
@@ -90,7 +93,10 @@ impl Process {
     /// The next stdout line, waiting at most `timeout`.
     pub fn next_line(&mut self, timeout: Duration) -> Result<String> {
         match self.lines.recv_timeout(timeout) {
-            Ok(line) => Ok(line),
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Ok(line)
+            }
             Err(RecvTimeoutError::Timeout) => {
                 bail!("{:?}: no output within {timeout:?}", self.argv)
             }
@@ -103,24 +109,33 @@ impl Process {
 
     /// Waits for a stdout line starting with `prefix`; returns the line.
     pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_line(|l| l.starts_with(prefix), timeout)
+    }
+
+    /// Waits for a stdout or stderr line containing `needle`; returns the line.
+    pub fn expect_line_containing(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_line(|l| l.contains(needle), timeout)
+    }
+
+    fn wait_for_line(&mut self, want: impl Fn(&str) -> bool, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.next_line(left)?;
-            if line.starts_with(prefix) {
+            if want(&line) {
                 return Ok(line);
             }
         }
     }
 
-    /// Waits for exit (killing it after `timeout`) and returns its status and the rest of its
-    /// stdout.
+    /// Waits for exit (killing it after `timeout`) and returns its status and everything it
+    /// printed.
     pub fn wait_output(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                let rest: Vec<String> = self.lines.iter().collect();
-                return Ok((status, rest.join("\n")));
+                self.seen.extend(self.lines.iter());
+                return Ok((status, self.seen.join("\n")));
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -135,6 +150,17 @@ impl Process {
         let pid = nix::unistd::Pid::from_raw(self.pid());
         nix::sys::signal::kill(pid, signal).context("kill")
     }
+}
+
+/// Sends each line of `stream` to `tx` from a thread, until EOF.
+fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 impl Drop for Process {

@@ -21,7 +21,10 @@ fn spec(inbound_ports: Vec<u16>) -> RuleSpec {
 }
 
 fn nat_table(ipt: &Iptables) -> String {
-    let out = Command::new(ipt.backend.save()).args(["-t", "nat"]).output().unwrap();
+    let out = Command::new(ipt.backend.save())
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

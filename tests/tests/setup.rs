@@ -12,7 +12,11 @@ fn setup_on_a_ready_machine_installs_nothing() {
         .output()
         .expect("run xtask setup");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!text.contains("installing"), "{text}");
     assert!(!text.contains("building"), "{text}");
     assert!(text.contains("everything is in place"), "{text}");

@@ -18,7 +18,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libxml2-dev", "bpf-linker's LLVM link line"),
     ("iptables", "--mode=iptables and its tests"),
     ("iproute2", "test hosts: network namespaces and veth links"),
-    ("util-linux", "unshare/nsenter used by tests"),
+    ("util-linux", "setpriv used by tests"),
+    ("bpftool", "tests check which programs are attached"),
 ];
 
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.

@@ -57,7 +57,10 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     let mut links = Vec::new();
     let mut pin = |link: FdLink, name: String| -> Result<()> {
         let path = pin_dir.join(name);
-        links.push(link.pin(&path).with_context(|| format!("pin {}", path.display()))?);
+        links.push(
+            link.pin(&path)
+                .with_context(|| format!("pin {}", path.display()))?,
+        );
         Ok(())
     };
     for prog in [names::PROG_CONNECT4, names::PROG_GETPEERNAME4] {
@@ -65,20 +68,31 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         p.load().with_context(|| format!("load {prog}"))?;
         for w in &cfg.workloads {
             let id = p.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
-            pin(FdLink::try_from(p.take_link(id)?)?, format!("{}_{prog}", w.name))?;
+            pin(
+                FdLink::try_from(p.take_link(id)?)?,
+                format!("{}_{prog}", w.name),
+            )?;
         }
     }
     let sockops: &mut SockOps = program(&mut bpf, names::PROG_SOCKOPS)?;
     sockops.load().context("load sockops")?;
     for w in &cfg.workloads {
         let id = sockops.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
-        pin(FdLink::try_from(sockops.take_link(id)?)?, format!("{}_sockops", w.name))?;
+        pin(
+            FdLink::try_from(sockops.take_link(id)?)?,
+            format!("{}_sockops", w.name),
+        )?;
     }
     let lookup: &mut SkLookup = program(&mut bpf, names::PROG_SK_LOOKUP)?;
     lookup.load().context("load sk_lookup")?;
     let netns = File::open("/proc/self/ns/net").context("open this network namespace")?;
-    let id = lookup.attach(netns).context("attach sk_lookup to this network namespace")?;
-    pin(FdLink::from(lookup.take_link(id)?), "netns_sk_lookup".into())?;
+    let id = lookup
+        .attach(netns)
+        .context("attach sk_lookup to this network namespace")?;
+    pin(
+        FdLink::from(lookup.take_link(id)?),
+        "netns_sk_lookup".into(),
+    )?;
 
     let by_tuple = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_TUPLE)?)?;
     let by_cookie = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_COOKIE)?)?;
@@ -125,7 +139,8 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<()> {
 }
 
 fn fill_settings(bpf: &mut Ebpf, cfg: &Validated, inbound: &impl AsRawFd) -> Result<()> {
-    let mut settings: HashMap<_, u16, u8> = HashMap::try_from(map(bpf, names::MAP_EXCLUDED_PORTS)?)?;
+    let mut settings: HashMap<_, u16, u8> =
+        HashMap::try_from(map(bpf, names::MAP_EXCLUDED_PORTS)?)?;
     for port in &cfg.excluded_ports {
         settings.insert(port, 1, 0)?;
     }
@@ -139,7 +154,9 @@ fn fill_settings(bpf: &mut Ebpf, cfg: &Validated, inbound: &impl AsRawFd) -> Res
         inbound_ports.insert(port, 1, 0)?;
     }
     let mut listener = SockMap::try_from(map(bpf, names::MAP_INBOUND_LISTENER)?)?;
-    listener.set(0, inbound, 0).context("put the :15006 listener in the sockmap")?;
+    listener
+        .set(0, inbound, 0)
+        .context("put the :15006 listener in the sockmap")?;
     let mut config: Array<_, MeshConfig> = Array::try_from(map(bpf, names::MAP_CONFIG)?)?;
     let settings = MeshConfig {
         outbound_port: ports::OUTBOUND,
@@ -195,7 +212,12 @@ impl Interception for EbpfInterception {
     fn status(&self) -> String {
         let tuple = self.by_tuple.lock().map(|m| m.keys().count()).unwrap_or(0);
         let cookie = self.by_cookie.keys().count();
-        let sum = |i: u32| self.counters.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        let sum = |i: u32| {
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
         format!(
             "orig-dst maps: {cookie}/{cap} by cookie, {tuple}/{cap} by tuple; steered {} \
              excluded {} record-failed {} inbound-captured {}",

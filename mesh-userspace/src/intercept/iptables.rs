@@ -45,7 +45,10 @@ pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
     iptables
         .apply(&rule_spec(cfg))
         .context("install meshd's iptables rules")?;
-    tracing::info!(backend = iptables.backend.name(), "iptables rules applied and verified");
+    tracing::info!(
+        backend = iptables.backend.name(),
+        "iptables rules applied and verified"
+    );
     Ok(IptablesInterception {
         iptables,
         workloads: Workloads::new(&cfg.workloads),

@@ -14,14 +14,16 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
     let dst = match ctx.interception.inbound_dst(&app) {
         Ok(d) => d,
         Err(e) => {
-            ctx.metrics.reject(Direction::Inbound, "no_original_destination");
+            ctx.metrics
+                .reject(Direction::Inbound, "no_original_destination");
             tracing::warn!(error = %e, "inbound connection without a destination: closed");
             return;
         }
     };
     let Some(workload) = ctx.inbound.get(&dst.port()).cloned() else {
         // Someone dialled :15006 itself, or a port no workload serves.
-        ctx.metrics.reject(Direction::Inbound, "not_a_workload_port");
+        ctx.metrics
+            .reject(Direction::Inbound, "not_a_workload_port");
         tracing::warn!(%dst, "inbound connection to a port no local workload serves: closed");
         return;
     };

@@ -91,7 +91,8 @@ impl Forward {
         let mut upstream = match dial(self.dst, ctx.mark, self.source).await {
             Ok(s) => s,
             Err(e) => {
-                ctx.metrics.reject(self.direction, "upstream_connect_failed");
+                ctx.metrics
+                    .reject(self.direction, "upstream_connect_failed");
                 tracing::warn!(direction = ?self.direction, dst = %self.dst, error = %e,
                     "cannot reach the destination; resetting the application's connection");
                 // Linger 0: the application sees a reset, as if it had dialled and failed itself.

@@ -12,7 +12,8 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
     let origin = match ctx.interception.outbound_origin(&app) {
         Ok(o) => o,
         Err(e) => {
-            ctx.metrics.reject(Direction::Outbound, "no_original_destination");
+            ctx.metrics
+                .reject(Direction::Outbound, "no_original_destination");
             tracing::warn!(error = %e, "outbound connection without an original destination: closed");
             return;
         }

@@ -1,0 +1,121 @@
+//! meshd inside a test node: writes its configuration (workload cgroups of this net, a pin
+//! directory of this net) and starts it as a host process, waiting for its readiness line.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+
+use crate::{meshd_bin, process::Process, TestNet};
+
+/// A workload as the test declares it to meshd.
+pub struct WorkloadSpec<'a> {
+    pub name: &'a str,
+    pub ports: &'a [u16],
+}
+
+pub struct Meshd {
+    pub process: Process,
+    pub config: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Meshd {
+    /// Access log lines so far (one per finished connection).
+    pub fn access_lines(&mut self) -> Vec<String> {
+        let lines = self.process.output_so_far();
+        lines
+            .into_iter()
+            .filter(|l| l.contains("access:"))
+            .collect()
+    }
+
+    /// Waits until `count` access lines containing all of `needles` have been logged.
+    pub fn wait_access(&mut self, needles: &[&str], count: usize) -> Result<Vec<String>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let matching: Vec<String> = self
+                .access_lines()
+                .into_iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if matching.len() >= count {
+                return Ok(matching);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                anyhow::bail!(
+                    "{} of {count} access lines with {needles:?}; log:\n{}",
+                    matching.len(),
+                    self.process.output_so_far().join("\n")
+                );
+            }
+            let _ = self.process.next_line(left.min(Duration::from_millis(200)));
+        }
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+impl TestNet {
+    /// The config meshd would get for these workloads on `node` (cgroups are created).
+    pub fn meshd_config(
+        &self,
+        node: usize,
+        workloads: &[WorkloadSpec],
+        extra: &str,
+    ) -> Result<String> {
+        let mount = meshd::sys::ensure_cgroup2()?;
+        let mut text = String::from("workloads:\n");
+        for w in workloads {
+            let cgroup = self.cgroup().join(w.name);
+            std::fs::create_dir_all(&cgroup)?;
+            let relative = cgroup.strip_prefix(&mount)?.display().to_string();
+            text.push_str(&format!(
+                "- name: {}\n  cgroup: /{relative}\n  ports: {:?}\n",
+                w.name, w.ports
+            ));
+        }
+        let pin_dir = self.pin_dir()?.join(format!("n{node}"));
+        text.push_str(&format!(
+            "proxy:\n  pin_dir: {}\n{extra}",
+            pin_dir.display()
+        ));
+        Ok(text)
+    }
+
+    /// Starts meshd on `node` in `mode` and waits until it is ready.
+    pub fn start_meshd(
+        &self,
+        node: usize,
+        mode: &str,
+        workloads: &[WorkloadSpec],
+    ) -> Result<Meshd> {
+        let text = self.meshd_config(node, workloads, "")?;
+        let mut meshd = self.spawn_meshd(node, mode, &text)?;
+        meshd
+            .process
+            .expect_line_containing("meshd ready", Duration::from_secs(30))
+            .with_context(|| format!("meshd log:\n{}", meshd.process.output_so_far().join("\n")))?;
+        Ok(meshd)
+    }
+
+    /// Starts meshd with a given config text, without waiting (for tests that expect failure).
+    pub fn spawn_meshd(&self, node: usize, mode: &str, config: &str) -> Result<Meshd> {
+        let path = std::env::temp_dir().join(format!("{}-n{node}.yaml", self.id()));
+        std::fs::write(&path, config)?;
+        let pin_dir = self.pin_dir()?.join(format!("n{node}"));
+        let bin = meshd_bin().display().to_string();
+        let mode = format!("--mode={mode}");
+        let cfg = path.display().to_string();
+        let process = self.host_process(node, &[&bin, "run", &mode, "--config", &cfg])?;
+        Ok(Meshd {
+            process,
+            config: path,
+            pin_dir,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! meshd's lifecycle on a node: a clean stop (SIGTERM) and a crash (kill -9) followed by
+//! `meshd cleanup` both leave no program, link, pinned object or rule behind; misconfiguration
+//! stops it at start with a message that names the problem.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use nix::sys::signal::Signal;
+use testhosts::{meshd_bin, require_privileges, Meshd, TestNet, WorkloadSpec};
+
+const WAIT: Duration = Duration::from_secs(30);
+const MODES: [&str; 2] = ["ebpf", "iptables"];
+const ORDERS: [WorkloadSpec; 1] = [WorkloadSpec {
+    name: "orders",
+    ports: &[7000],
+}];
+
+/// Everything meshd may have installed for this node, described; empty when nothing is left.
+fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
+    let mut left = Vec::new();
+    let pins = std::fs::read_dir(&meshd.pin_dir)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if pins > 0 {
+        left.push(format!(
+            "{pins} pinned objects in {}",
+            meshd.pin_dir.display()
+        ));
+    }
+    let cgroup = net.cgroup().join("orders");
+    let attached = bpftool(&["cgroup", "show", cgroup.to_str().unwrap()]);
+    if attached.contains("mesh_") {
+        left.push(format!("programs on the workload cgroup: {attached}"));
+    }
+    let netns_ino = std::fs::metadata(net.node(0).netns_path()).unwrap();
+    let ino = std::os::linux::fs::MetadataExt::st_ino(&netns_ino);
+    let links = bpftool(&["link", "show"]);
+    if links.contains(&format!("netns_ino {ino}")) {
+        left.push(format!("a link on the node's network namespace: {links}"));
+    }
+    let nat = net.exec(0, &["iptables-save", "-t", "nat"]).unwrap();
+    if nat.contains("MESH") {
+        left.push(format!("iptables rules: {nat}"));
+    }
+    left
+}
+
+fn bpftool(args: &[&str]) -> String {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool (cargo xtask setup)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sigterm_removes_everything_meshd_installed() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(2).unwrap();
+        let mut meshd = net.start_meshd(0, mode, &ORDERS).unwrap();
+        let running = installed(&net, &meshd);
+        // ebpf: pins, cgroup programs, the netns link; iptables: the rules.
+        let expected = if mode == "ebpf" { 3 } else { 1 };
+        assert_eq!(running.len(), expected, "{mode}: {running:#?}");
+        meshd.process.signal(Signal::SIGTERM).unwrap();
+        let (status, log) = meshd.process.wait_output(WAIT).unwrap();
+        assert!(status.success(), "{mode}: {log}");
+        assert!(log.contains("interception removed"), "{mode}: {log}");
+        assert_eq!(installed(&net, &meshd), Vec::<String>::new(), "{mode}");
+    }
+}
+
+#[test]
+fn kill_9_then_cleanup_removes_everything() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(2).unwrap();
+        let mut meshd = net.start_meshd(0, mode, &ORDERS).unwrap();
+        meshd.process.signal(Signal::SIGKILL).unwrap();
+        let _ = meshd.process.wait_output(WAIT);
+        // A crashed meshd leaves its interception in place: connections fail rather than
+        // bypass the mesh.
+        assert!(
+            !installed(&net, &meshd).is_empty(),
+            "{mode}: nothing left after kill -9?"
+        );
+        let bin = meshd_bin().display().to_string();
+        let pin_dir = meshd.pin_dir.display().to_string();
+        let out = net
+            .exec(0, &[&bin, "cleanup", "--pin-dir", &pin_dir])
+            .unwrap();
+        assert_eq!(
+            installed(&net, &meshd),
+            Vec::<String>::new(),
+            "{mode}: {out}"
+        );
+    }
+}
+
+/// Starts meshd with `config` and expects it to exit non-zero naming `problem`.
+fn expect_start_failure(net: &TestNet, mode: &str, config: &str, problem: &str) {
+    let mut meshd = net.spawn_meshd(0, mode, config).unwrap();
+    let (status, log) = meshd.process.wait_output(WAIT).unwrap();
+    assert!(
+        !status.success(),
+        "{mode}: meshd started with a bad config:\n{log}"
+    );
+    assert!(
+        log.contains(problem),
+        "{mode}: wanted {problem:?} in:\n{log}"
+    );
+    assert_eq!(
+        installed(net, &meshd),
+        Vec::<String>::new(),
+        "{mode}: left state behind"
+    );
+}
+
+#[test]
+fn misconfiguration_stops_meshd_with_a_message_naming_the_problem() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(1).unwrap();
+        let good = net.meshd_config(0, &ORDERS, "").unwrap();
+        let missing = good.replace("/orders", "/no-such-cgroup");
+        let problem = "config workloads[0].cgroup";
+        expect_start_failure(&net, mode, &missing, problem);
+        let bad_cidr = format!("{good}exclude:\n  cidrs: [10.1.2.3/8]\n");
+        expect_start_failure(&net, mode, &bad_cidr, "config exclude.cidrs[0]");
+        let mut squatter = net
+            .host_process(0, &["python3", "-c", SQUAT_15001])
+            .unwrap();
+        squatter.expect_line("listening", WAIT).unwrap();
+        expect_start_failure(&net, mode, &good, "cannot listen on 127.0.0.1:15001");
+    }
+}
+
+/// Holds 127.0.0.1:15001 open until killed.
+const SQUAT_15001: &str = "import socket,time\n\
+s=socket.socket(); s.bind(('127.0.0.1',15001)); s.listen()\n\
+print('listening', flush=True)\ntime.sleep(600)";
+
+#[test]
+fn meshd_run_without_root_says_so() {
+    require_privileges!();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(meshd_bin())
+        .args(["run", "--mode=auto", "--config", "/nonexistent.yaml"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("needs root"), "{msg}");
+    assert!(Path::new("/nonexistent.yaml").metadata().is_err());
+}
