@@ -6,7 +6,9 @@
 //! - `mesh_sockops` (sockops): once the steered connection is established, copy the record to
 //!   the key the proxy can compute from `accept()` (the app socket's local ip:port); drop the
 //!   cookie record when the socket closes.
-//! - `mesh_getpeername4` (cgroup/getpeername4): the application sees its original peer.
+//! - `mesh_connect6` (cgroup/connect6): the same for IPv6 sockets dialling v4-mapped
+//!   addresses; native IPv6 is left alone.
+//! - `mesh_getpeername4`/`6` (cgroup/getpeername4/6): the application sees its original peer.
 //! - `mesh_sk_lookup` (sk_lookup): new inbound connections to captured ports go to :15006.
 #![no_std]
 #![no_main]
@@ -72,19 +74,68 @@ fn count(index: u32) {
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(cfg) = MESH_CONFIG.get(0) else {
+    match steer(&ctx, sa, sa.user_ip4) {
+        Steer::Leave => ALLOW,
+        Steer::Reject => REJECT,
+        Steer::ToProxy(port) => {
+            sa.user_ip4 = LOOPBACK_V4.to_be();
+            sa.user_port = port;
+            ALLOW
+        }
+    }
+}
+
+/// IPv6 sockets reaching IPv4 peers through v4-mapped addresses (`::ffff:a.b.c.d`) are steered
+/// like connect4's; native IPv6 destinations are left alone (not meshed yet).
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip6 = sa.user_ip6;
+    if !is_v4_mapped(ip6) {
         return ALLOW;
+    }
+    match steer(&ctx, sa, ip6[3]) {
+        Steer::Leave => ALLOW,
+        Steer::Reject => REJECT,
+        Steer::ToProxy(port) => {
+            sa.user_ip6[3] = LOOPBACK_V4.to_be();
+            sa.user_port = port;
+            ALLOW
+        }
+    }
+}
+
+#[inline(always)]
+fn is_v4_mapped(ip6: [u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffff_u32.to_be()
+}
+
+enum Steer {
+    Leave,
+    Reject,
+    /// Rewrite the destination to loopback and this port (network byte order, as user_port).
+    ToProxy(u32),
+}
+
+/// The decision for a TCP connect to IPv4 `ip` (network byte order) and `sa.user_port`; when
+/// steering, the original destination is recorded under the socket's cookie.
+#[inline(always)]
+fn steer(ctx: &SockAddrContext, sa: &bpf_sock_addr, ip: u32) -> Steer {
+    let Some(cfg) = MESH_CONFIG.get(0) else {
+        return Steer::Leave;
     };
     if cfg.enabled == 0 || sa.protocol != IPPROTO_TCP || sa.type_ != SOCK_STREAM {
-        return ALLOW;
+        return Steer::Leave;
     }
-    if is_excluded(sa, cfg) {
+    let port = u16::from_be(sa.user_port as u16);
+    if is_excluded(sa, cfg, ip, port) {
         count(counters::EXCLUDED);
-        return ALLOW;
+        return Steer::Leave;
     }
     let orig = OrigDst {
-        ip: sa.user_ip4,
-        port: u16::from_be(sa.user_port as u16),
+        ip,
+        port,
         _pad: 0,
         // SAFETY: helper without preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -95,28 +146,24 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         // Without a record the proxy could not tell where to go: refusing the connect is safer
         // than letting it leave the node in plaintext around the mesh.
         count(counters::RECORD_FAILED);
-        return REJECT;
+        return Steer::Reject;
     }
-    sa.user_ip4 = LOOPBACK_V4.to_be();
-    sa.user_port = u32::from(cfg.outbound_port.to_be());
     count(counters::STEERED);
-    ALLOW
+    Steer::ToProxy(u32::from(cfg.outbound_port.to_be()))
 }
 
 /// Loopback, meshd's own ports, configured ports and CIDRs, and meshd's own sockets (by mark or
 /// uid: a second guard, meshd does not run in a workload cgroup) are left alone.
 #[inline(always)]
-fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig) -> bool {
-    let ip = u32::from_be(sa.user_ip4);
-    let port = u16::from_be(sa.user_port as u16);
-    if ip >> 24 == 127 || ports::ALL.contains(&port) {
+fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig, ip: u32, port: u16) -> bool {
+    if u32::from_be(ip) >> 24 == 127 || ports::ALL.contains(&port) {
         return true;
     }
     // SAFETY: map lookups with plain-data keys.
     if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
         return true;
     }
-    if EXCLUDED_CIDRS.get(Key::new(32, sa.user_ip4)).is_some() {
+    if EXCLUDED_CIDRS.get(Key::new(32, ip)).is_some() {
         return true;
     }
     // SAFETY: the union holds the socket pointer for sock_addr programs.
@@ -144,9 +191,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn rekey_established(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
-        return;
-    }
+    // Only sockets connect4/connect6 steered have a record, and those all talk IPv4: a
+    // dual-stack socket dialling a v4-mapped address keeps its IPv4 addresses in the same
+    // kernel fields local_ip4 reads.
     // SAFETY: the context pointer is a valid bpf_sock_ops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
@@ -167,16 +214,33 @@ fn rekey_established(ctx: &SockOpsContext) {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the context pointer is a valid bpf_sock_addr.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_DST_BY_COOKIE.get(cookie) }.copied() {
-        // SAFETY: as above.
+    if let Some(orig) = recorded(&ctx) {
+        // SAFETY: the context pointer is a valid bpf_sock_addr.
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = orig.ip;
         sa.user_port = u32::from(orig.port.to_be());
     }
     ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = recorded(&ctx) {
+        // SAFETY: the context pointer is a valid bpf_sock_addr.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = [0, 0, 0xffff_u32.to_be(), orig.ip];
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    ALLOW
+}
+
+/// The original destination of a steered socket, while it is open.
+#[inline(always)]
+fn recorded(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: the context pointer is a valid bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    unsafe { ORIG_DST_BY_COOKIE.get(cookie) }.copied()
 }
 
 #[sk_lookup]

@@ -67,7 +67,7 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         _ = proxy::accept_loop(inbound_listener, ctx.clone(), inbound::handle) => Ok(()),
         _ = admin::serve(metrics_listener, Endpoint::Metrics(metrics.clone())) => Ok(()),
         _ = admin::serve(ready_listener, Endpoint::Ready) => Ok(()),
-        _ = log_status(interception.as_ref()) => Ok(()),
+        _ = log_status(interception.as_ref(), &metrics) => Ok(()),
         stop = stop_signal() => stop,
     };
     tracing::info!(status = %interception.status(), "stopping");
@@ -76,11 +76,17 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
     served
 }
 
-async fn log_status(interception: &dyn Interception) {
+async fn log_status(interception: &dyn Interception, metrics: &Metrics) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
-    tick.tick().await;
     loop {
         tick.tick().await;
+        for (map, entries) in interception.map_entries() {
+            let labels = crate::metrics::MapLabels { map };
+            metrics
+                .bpf_map_entries
+                .get_or_create(&labels)
+                .set(entries as i64);
+        }
         tracing::info!(status = %interception.status(), "interception");
     }
 }

@@ -54,6 +54,15 @@ impl Meshd {
     }
 }
 
+impl Meshd {
+    /// meshd's Prometheus metrics, fetched from inside its node.
+    pub fn metrics(&self, net: &TestNet, node: usize) -> Result<String> {
+        let script = "import urllib.request as u;\
+                      print(u.urlopen('http://127.0.0.1:15020/metrics').read().decode())";
+        net.exec(node, &["python3", "-c", script])
+    }
+}
+
 impl Drop for Meshd {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.config);
@@ -94,7 +103,18 @@ impl TestNet {
         mode: &str,
         workloads: &[WorkloadSpec],
     ) -> Result<Meshd> {
-        let text = self.meshd_config(node, workloads, "")?;
+        self.start_meshd_with(node, mode, workloads, "")
+    }
+
+    /// Like [`TestNet::start_meshd`], with `extra` YAML appended to the config.
+    pub fn start_meshd_with(
+        &self,
+        node: usize,
+        mode: &str,
+        workloads: &[WorkloadSpec],
+        extra: &str,
+    ) -> Result<Meshd> {
+        let text = self.meshd_config(node, workloads, extra)?;
         let mut meshd = self.spawn_meshd(node, mode, &text)?;
         meshd
             .process

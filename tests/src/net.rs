@@ -1,9 +1,10 @@
 //! Test nodes: one network namespace per node, each with an `eth0` veth whose other end sits on
-//! a bridge in a hub namespace, so every node reaches every other on 198.18.0.0/24. Nothing is
+//! a bridge in a hub namespace, so every node reaches every other on 198.18.0.0/24 (and on
+//! 2001:2::/64). Nothing is
 //! created in the machine's own namespace, so concurrent tests cannot collide.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -24,6 +25,8 @@ pub struct TestNode {
     /// Network namespace name (under /run/netns).
     pub netns: String,
     pub addr: Ipv4Addr,
+    /// IPv6 address from the benchmarking range 2001:2::/48 (RFC 5180).
+    pub addr6: Ipv6Addr,
 }
 
 impl TestNode {
@@ -72,6 +75,7 @@ impl TestNet {
             index,
             netns: format!("{}-n{index}", self.id),
             addr: Ipv4Addr::new(198, 18, 0, index as u8 + 1),
+            addr6: Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, index as u16 + 1),
         };
         add_netns(&node.netns)?;
         self.nodes.push(node.clone());
@@ -85,6 +89,11 @@ impl TestNet {
         ip(&self.hub, &["link", "set", &hub_end, "master", "br0", "up"])?;
         let cidr = format!("{}/24", node.addr);
         ip(&node.netns, &["addr", "add", &cidr, "dev", "eth0"])?;
+        let cidr6 = format!("{}/64", node.addr6);
+        ip(
+            &node.netns,
+            &["addr", "add", &cidr6, "dev", "eth0", "nodad"],
+        )?;
         ip(&node.netns, &["link", "set", "eth0", "up"])?;
         ip(&node.netns, &["link", "set", "lo", "up"])
     }

@@ -71,7 +71,7 @@ fn outbound_bytes_arrive_intact_through_meshd_in_both_modes() {
             assert!(out.contains(&format!("peer {target}")), "{mode}: {out}");
         }
         let needles = [
-            "Outbound",
+            "direction=outbound",
             "workload=default/checkout",
             &format!("dst={target}"),
         ];
@@ -111,6 +111,67 @@ fn a_process_outside_the_workload_cgroups_is_not_steered() {
 }
 
 #[test]
+fn excluded_ports_and_cidrs_are_not_intercepted_in_both_modes() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(3).unwrap();
+        let tool = tool();
+        let mut servers = Vec::new();
+        for (node, port) in [(1, "7000"), (1, "7001"), (2, "7000")] {
+            let listen = format!("0.0.0.0:{port}");
+            let mut s = net
+                .host_process(node, &[&tool, "echo-server", &listen])
+                .unwrap();
+            s.expect_line("ready", WAIT).unwrap();
+            servers.push(s);
+        }
+        let spec = [WorkloadSpec {
+            name: "checkout",
+            ports: &[],
+        }];
+        let extra = format!(
+            "exclude:\n  ports: [7001]\n  cidrs: [{}/32]\n",
+            net.node(2).addr
+        );
+        let mut meshd = net.start_meshd_with(0, mode, &spec, &extra).unwrap();
+        let (b, c) = (net.node(1).addr, net.node(2).addr);
+        for target in [
+            format!("{b}:7001"),
+            format!("{c}:7000"),
+            format!("{b}:7000"),
+        ] {
+            run_client(&net, 0, Some("checkout"), &target, 100, 1);
+        }
+        let lines = meshd.wait_access(&[&format!("dst={b}:7000")], 1).unwrap();
+        assert_eq!(
+            meshd.access_lines(),
+            lines,
+            "{mode}: only the non-excluded one is proxied"
+        );
+    }
+}
+
+#[test]
+fn native_ipv6_traffic_still_flows_unsteered() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let tool = tool();
+    let mut server = net
+        .host_process(1, &[&tool, "echo-server", "[::]:7000"])
+        .unwrap();
+    server.expect_line("ready", WAIT).unwrap();
+    let mut meshd = checkout(&net, "ebpf");
+    let target = format!("[{}]:7000", net.node(1).addr6);
+    let out = run_client(&net, 0, Some("checkout"), &target, 5000, 2);
+    assert!(out.contains(&format!("peer {target}")), "{out}");
+    assert!(
+        meshd.access_lines().is_empty(),
+        "{:?}",
+        meshd.access_lines()
+    );
+}
+
+#[test]
 fn inbound_connections_to_a_workload_port_arrive_via_15006_in_both_modes() {
     require_privileges!();
     for mode in MODES {
@@ -124,7 +185,7 @@ fn inbound_connections_to_a_workload_port_arrive_via_15006_in_both_modes() {
         let target = format!("{}:7000", net.node(0).addr);
         run_client(&net, 1, None, &target, 100_000, 8);
         let needles = [
-            "Inbound",
+            "direction=inbound",
             "workload=default/orders",
             &format!("dst={target}"),
         ];

@@ -31,7 +31,9 @@ pub const ALL: &[Probe] = &[
     p("btf", INFO),
     p("bpffs", EBPF),
     p("prog-connect4", EBPF),
+    p("prog-connect6", EBPF),
     p("prog-getpeername4", EBPF),
+    p("prog-getpeername6", EBPF),
     p("prog-sockops", EBPF),
     p("prog-sk-lookup", EBPF),
     p("iptables", IPTABLES),
@@ -41,9 +43,11 @@ pub const ALL: &[Probe] = &[
 ];
 
 /// The eBPF programs meshd ships, by the check that loads each.
-const PROGRAMS: [(&str, &str); 4] = [
+const PROGRAMS: [(&str, &str); 6] = [
     ("prog-connect4", names::PROG_CONNECT4),
+    ("prog-connect6", names::PROG_CONNECT6),
     ("prog-getpeername4", names::PROG_GETPEERNAME4),
+    ("prog-getpeername6", names::PROG_GETPEERNAME6),
     ("prog-sockops", names::PROG_SOCKOPS),
     ("prog-sk-lookup", names::PROG_SK_LOOKUP),
 ];
@@ -193,7 +197,8 @@ fn load_program(bpf: &mut aya::Ebpf, name: &str) -> Outcome {
     }
 }
 
-/// An error and its sources on one line; verifier logs are cut to their last line.
+/// An error and its sources on one line. A verifier log is cut to its last few lines, which
+/// say what it rejected.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();
@@ -202,8 +207,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     let joined = parts.join(": ");
-    let last_line = joined.lines().rev().find(|l| !l.trim().is_empty());
-    last_line.unwrap_or(&joined).to_string()
+    // The verifier's statistics trail its verdict; keep the verdict.
+    let stats = ["verification time", "stack depth", "processed "];
+    let lines: Vec<&str> = (joined.lines())
+        .filter(|l| !l.trim().is_empty() && !stats.iter().any(|s| l.starts_with(s)))
+        .collect();
+    let first = lines.first().copied().unwrap_or_default();
+    if lines.len() <= 1 {
+        return first.to_string();
+    }
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    format!("{first} … {}", tail.join(" | "))
 }
 
 /// The backend, then nat, owner match and REDIRECT, each tried in a scratch network namespace.

@@ -63,13 +63,18 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         );
         Ok(())
     };
-    for prog in [names::PROG_CONNECT4, names::PROG_GETPEERNAME4] {
+    let sock_addr_programs = [
+        names::PROG_CONNECT4,
+        names::PROG_CONNECT6,
+        names::PROG_GETPEERNAME4,
+        names::PROG_GETPEERNAME6,
+    ];
+    for prog in sock_addr_programs {
         let p: &mut CgroupSockAddr = program(&mut bpf, prog)?;
         p.load().with_context(|| format!("load {prog}"))?;
         for w in &cfg.workloads {
-            let id = p.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
             pin(
-                FdLink::try_from(p.take_link(id)?)?,
+                p.attach_link(cgroup_fd(&w.cgroup_path)?)?,
                 format!("{}_{prog}", w.name),
             )?;
         }
@@ -77,11 +82,8 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     let sockops: &mut SockOps = program(&mut bpf, names::PROG_SOCKOPS)?;
     sockops.load().context("load sockops")?;
     for w in &cfg.workloads {
-        let id = sockops.attach(cgroup_fd(&w.cgroup_path)?, CgroupAttachMode::Single)?;
-        pin(
-            FdLink::try_from(sockops.take_link(id)?)?,
-            format!("{}_sockops", w.name),
-        )?;
+        let link = sockops.attach_link(cgroup_fd(&w.cgroup_path)?)?;
+        pin(link, format!("{}_sockops", w.name))?;
     }
     let lookup: &mut SkLookup = program(&mut bpf, names::PROG_SK_LOOKUP)?;
     lookup.load().context("load sk_lookup")?;
@@ -106,6 +108,25 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         pin_dir,
         workloads: Workloads::new(&cfg.workloads),
     })
+}
+
+/// Attaching to a workload cgroup as a bpf link the caller owns (and pins).
+trait CgroupLink {
+    fn attach_link(&mut self, cgroup: File) -> Result<FdLink>;
+}
+
+impl CgroupLink for CgroupSockAddr {
+    fn attach_link(&mut self, cgroup: File) -> Result<FdLink> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(FdLink::try_from(self.take_link(id)?)?)
+    }
+}
+
+impl CgroupLink for SockOps {
+    fn attach_link(&mut self, cgroup: File) -> Result<FdLink> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(FdLink::try_from(self.take_link(id)?)?)
+    }
 }
 
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -209,9 +230,18 @@ impl Interception for EbpfInterception {
         v4(conn.local_addr()?)
     }
 
-    fn status(&self) -> String {
+    fn map_entries(&self) -> Vec<(&'static str, u64)> {
         let tuple = self.by_tuple.lock().map(|m| m.keys().count()).unwrap_or(0);
         let cookie = self.by_cookie.keys().count();
+        vec![
+            (names::MAP_ORIG_DST_BY_COOKIE, cookie as u64),
+            (names::MAP_ORIG_DST_BY_TUPLE, tuple as u64),
+        ]
+    }
+
+    fn status(&self) -> String {
+        let fill = self.map_entries();
+        let (cookie, tuple) = (fill[0].1, fill[1].1);
         let sum = |i: u32| {
             self.counters
                 .get(&i, 0)

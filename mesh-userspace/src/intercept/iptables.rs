@@ -89,10 +89,10 @@ impl Interception for IptablesInterception {
     fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
         let peer = conn.peer_addr()?;
         let dst = original_dst(conn).map_err(|_| OriginError::NoRecord(peer))?;
-        Ok(Origin {
-            dst,
-            workload: self.owner(v4(peer)?, dst),
-        })
+        let app = v4(peer)?;
+        // Reading /proc blocks: keep it off the async worker's run queue.
+        let workload = tokio::task::block_in_place(|| self.owner(app, dst));
+        Ok(Origin { dst, workload })
     }
 
     fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError> {

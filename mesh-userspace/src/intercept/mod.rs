@@ -75,6 +75,10 @@ pub trait Interception: Send + Sync {
     fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError>;
     /// A line about the state interception keeps (map fill levels, rule counts) for the log.
     fn status(&self) -> String;
+    /// Entries in each bounded map interception keeps, by map name.
+    fn map_entries(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Removes every program, link, pin or rule this mode installed.
     fn uninstall(&self) -> anyhow::Result<()>;
 }

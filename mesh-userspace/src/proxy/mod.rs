@@ -93,7 +93,7 @@ impl Forward {
             Err(e) => {
                 ctx.metrics
                     .reject(self.direction, "upstream_connect_failed");
-                tracing::warn!(direction = ?self.direction, dst = %self.dst, error = %e,
+                tracing::warn!(direction = %self.direction, dst = %self.dst, error = %e,
                     "cannot reach the destination; resetting the application's connection");
                 // Linger 0: the application sees a reset, as if it had dialled and failed itself.
                 let _ = socket2::SockRef::from(&self.app).set_linger(Some(Duration::ZERO));
@@ -116,7 +116,7 @@ impl Forward {
         }
         tracing::info!(
             target: "access",
-            direction = ?self.direction,
+            direction = %self.direction,
             mode = %labels.mode,
             workload = %workload_name(self.workload.as_deref()),
             src = %peer.map_or("?".into(), |p| p.to_string()),
