@@ -53,6 +53,18 @@ pub struct BytesLabels {
     pub way: &'static str,
 }
 
+/// `result` is `ok` or the reason of the failure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
@@ -65,6 +77,8 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub active: Family<ConnLabels, Gauge>,
     pub bpf_map_entries: Family<MapLabels, Gauge>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub svid_renewals: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +90,8 @@ impl Default for Metrics {
             bytes: Family::default(),
             active: Family::default(),
             bpf_map_entries: Family::default(),
+            tls_handshakes: Family::default(),
+            svid_renewals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -99,6 +115,16 @@ impl Default for Metrics {
             "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)",
             m.bpf_map_entries.clone(),
         );
+        registry.register(
+            "tls_handshakes",
+            "mTLS handshakes, by direction and result (ok or the reason of the failure)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "svid_renewals",
+            "SVID renewals, by result",
+            m.svid_renewals.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -108,6 +134,15 @@ impl Metrics {
         self.rejected
             .get_or_create(&RejectLabels { direction, reason })
             .inc();
+    }
+
+    pub fn handshake(&self, direction: Direction, result: &'static str) {
+        let labels = HandshakeLabels { direction, result };
+        self.tls_handshakes.get_or_create(&labels).inc();
+    }
+
+    pub fn svid_renewal(&self, result: &'static str) {
+        self.svid_renewals.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Prometheus text exposition.

@@ -1,0 +1,125 @@
+//! The embedded certificate authority: `meshd ca init` makes a root, `meshd ca issue-node`
+//! makes a node intermediate signed by it, and meshd mints its workloads' SVIDs from the node
+//! intermediate ([`Issuer`]). ECDSA P-256 throughout; private keys are written 0600 and never
+//! over an existing file.
+
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls_pki_types::CertificateDer;
+
+pub const ROOT_CERT: &str = "root.crt";
+pub const ROOT_KEY: &str = "root.key";
+/// Root lifetime.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `meshd ca init`: a new root in `dir`.
+pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for name in [ROOT_CERT, ROOT_KEY] {
+        if dir.join(name).exists() {
+            bail!(
+                "{} exists: refusing to overwrite a CA",
+                dir.join(name).display()
+            );
+        }
+    }
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let params = ca_params(&format!("meshd root {trust_domain}"), 1, ROOT_TTL)?;
+    let cert = params.self_signed(&key)?;
+    write_new(&dir.join(ROOT_KEY), &key.serialize_pem(), 0o600)?;
+    write_new(&dir.join(ROOT_CERT), &cert.pem(), 0o644)?;
+    Ok(dir.join(ROOT_CERT))
+}
+
+/// `meshd ca issue-node NODE`: a node intermediate signed by the root in `dir`, written as
+/// `<dir>/<node>.crt` and `<dir>/<node>.key`.
+pub fn issue_node(dir: &Path, node: &str, ttl: Duration) -> Result<(PathBuf, PathBuf)> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if node.is_empty() || !node.chars().all(ok) || node.starts_with('.') {
+        bail!("node name {node:?}: use letters, digits, '-', '.', '_'");
+    }
+    let root = Issuer::load(&dir.join(ROOT_CERT), &dir.join(ROOT_KEY))?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let params = ca_params(&format!("meshd node {node}"), 0, ttl)?;
+    let cert = params.signed_by(&key, &root.issuer)?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{node}.crt")),
+        dir.join(format!("{node}.key")),
+    );
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+fn ca_params(common_name: &str, path_len: u8, ttl: Duration) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial().into());
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + ttl).into();
+    Ok(params)
+}
+
+/// 16 random bytes, top bit clear so the DER integer is positive.
+pub fn random_serial() -> Vec<u8> {
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    serial.to_vec()
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("create {} (refusing to overwrite)", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// A CA that signs: its certificate and key, loaded from PEM files.
+pub struct Issuer {
+    pub(crate) issuer: rcgen::Issuer<'static, KeyPair>,
+    /// The issuer's own certificate, sent after the leaf in every chain it signs.
+    pub cert: CertificateDer<'static>,
+}
+
+impl Issuer {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Issuer> {
+        let cert_pem = std::fs::read_to_string(cert_path)
+            .with_context(|| format!("read {}", cert_path.display()))?;
+        let key_pem = std::fs::read_to_string(key_path)
+            .with_context(|| format!("read {}", key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{}: not a PEM private key", key_path.display()))?;
+        let cert = crate::tls::certs_from_pem(&cert_pem)
+            .with_context(|| format!("{}", cert_path.display()))?
+            .into_iter()
+            .next()
+            .with_context(|| format!("{}: no certificate", cert_path.display()))?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key)
+            .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
+        Ok(Issuer { issuer, cert })
+    }
+}

@@ -1,0 +1,97 @@
+//! Workload SVIDs: short-lived X.509 certificates whose one URI SAN is the workload's SPIFFE
+//! ID, minted from the node intermediate.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Result;
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    SanType, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::{ca::Issuer, SpiffeId};
+
+/// Allowance for clocks that run a little behind ours.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub certified: Arc<CertifiedKey>,
+    /// PEM forms, for tools and tests that need files.
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id.to_string())
+            .field("serial", &self.serial)
+            .finish()
+    }
+}
+
+impl Svid {
+    /// When renewal is due: half-way through the lifetime.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life / 2
+    }
+}
+
+/// An SVID for `id` valid for `ttl` from now.
+pub fn mint(issuer: &Issuer, id: &SpiffeId, ttl: Duration) -> Result<Svid> {
+    let now = SystemTime::now();
+    mint_valid(issuer, id, now - CLOCK_SKEW, now + ttl)
+}
+
+/// An SVID with an explicit validity window (tests make expired and future ones with it).
+pub fn mint_valid(
+    issuer: &Issuer,
+    id: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<Svid> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let serial = super::ca::random_serial();
+    params.serial_number = Some(serial.clone().into());
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let cert = params.signed_by(&key, &issuer.issuer)?;
+    let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone(), issuer.cert.clone()];
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = crate::tls::provider()
+        .key_provider
+        .load_private_key(key_der)?;
+    let chain_pem = format!("{}{}", cert.pem(), crate::tls::pem_cert(&issuer.cert));
+    Ok(Svid {
+        id: id.clone(),
+        serial: super::serial_hex(&serial),
+        not_before,
+        not_after,
+        certified: Arc::new(CertifiedKey::new(chain, signing)),
+        chain_pem,
+        key_pem: key.serialize_pem(),
+    })
+}

@@ -1,0 +1,259 @@
+//! Verifying a peer's SVID: the chain must lead to a root of the trust bundle (several roots are
+//! allowed, for rotation), be valid now, not be revoked (CRLs, denied serials, denied SPIFFE
+//! IDs), and the leaf must carry exactly one URI SAN: a SPIFFE ID of our trust domain. DNS names
+//! play no part. Each failure has a reason of its own, which becomes a metric label.
+
+use std::{collections::HashSet, path::Path};
+
+use anyhow::{Context, Result};
+use rustls_pki_types::{
+    pem::PemObject, CertificateDer, CertificateRevocationListDer, TrustAnchor, UnixTime,
+};
+use webpki::{
+    EndEntityCert, KeyUsage, OwnedCertRevocationList, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::identity::{serial_hex, SpiffeError, SpiffeId};
+
+/// Why a peer certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("certificate expired")]
+    Expired,
+    #[error("certificate not valid yet")]
+    NotYetValid,
+    #[error("certificate not issued by a root of the trust bundle")]
+    UnknownCa,
+    #[error("certificate revoked: {0}")]
+    Revoked(String),
+    #[error("SPIFFE ID {0} is not in trust domain {1}")]
+    WrongTrustDomain(String, String),
+    #[error("peer is {got}, expected {want}")]
+    UnexpectedIdentity { want: String, got: String },
+    #[error("{0}")]
+    BadSpiffeId(#[from] SpiffeError),
+    #[error("certificate must carry exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+    #[error("invalid certificate: {0}")]
+    Invalid(String),
+}
+
+impl VerifyError {
+    /// A short stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Expired => "expired",
+            VerifyError::NotYetValid => "not_yet_valid",
+            VerifyError::UnknownCa => "unknown_ca",
+            VerifyError::Revoked(_) => "revoked",
+            VerifyError::WrongTrustDomain(..) => "wrong_trust_domain",
+            VerifyError::UnexpectedIdentity { .. } => "unexpected_identity",
+            VerifyError::BadSpiffeId(_) | VerifyError::UriSanCount(_) => "bad_spiffe_id",
+            VerifyError::Invalid(_) => "invalid_certificate",
+        }
+    }
+}
+
+/// What a verified peer certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub id: SpiffeId,
+    pub serial: String,
+}
+
+/// Revocation inputs, as configured.
+#[derive(Debug, Clone, Default)]
+pub struct Revocation {
+    pub spiffe_ids: Vec<String>,
+    /// Hex serial numbers (any case, optional colons).
+    pub serials: Vec<String>,
+    pub crl_files: Vec<std::path::PathBuf>,
+}
+
+pub struct TrustBundle {
+    trust_domain: String,
+    anchors: Vec<TrustAnchor<'static>>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
+    denied_ids: HashSet<String>,
+    denied_serials: HashSet<String>,
+}
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TrustBundle({}, {} roots)",
+            self.trust_domain,
+            self.anchors.len()
+        )
+    }
+}
+
+impl TrustBundle {
+    /// Roots from PEM files (each may hold several), CRLs from PEM or DER files.
+    pub fn load(
+        trust_domain: &str,
+        root_files: &[impl AsRef<Path>],
+        revocation: &Revocation,
+    ) -> Result<Self> {
+        let mut anchors = Vec::new();
+        for file in root_files {
+            let file = file.as_ref();
+            let pem = std::fs::read_to_string(file)
+                .with_context(|| format!("read {}", file.display()))?;
+            for cert in super::certs_from_pem(&pem).with_context(|| file.display().to_string())? {
+                let anchor = webpki::anchor_from_trusted_cert(&cert)
+                    .with_context(|| format!("{}: not a usable root", file.display()))?;
+                anchors.push(anchor.to_owned());
+            }
+        }
+        anyhow::ensure!(
+            !anchors.is_empty(),
+            "the trust bundle holds no root certificate"
+        );
+        let crls = revocation
+            .crl_files
+            .iter()
+            .map(|f| load_crl(f))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrustBundle {
+            trust_domain: trust_domain.to_string(),
+            anchors,
+            crls,
+            denied_ids: revocation.spiffe_ids.iter().cloned().collect(),
+            denied_serials: revocation
+                .serials
+                .iter()
+                .map(|s| normalise_serial(s))
+                .collect(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Verifies a peer chain for `usage` (server or client auth) at `now`.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<PeerIdentity, VerifyError> {
+        let cert =
+            EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Invalid(e.to_string()))?;
+        let crl_refs: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
+            b.with_depth(RevocationCheckDepth::Chain)
+                .with_status_policy(UnknownStatusPolicy::Allow)
+                .build()
+        });
+        let algs = super::provider().signature_verification_algorithms.all;
+        cert.verify_for_usage(
+            algs,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map_err(chain_error)?;
+        let peer = identity_of(end_entity)?;
+        if self.denied_ids.contains(&peer.id.to_string()) {
+            return Err(VerifyError::Revoked(format!(
+                "SPIFFE ID {} is denied",
+                peer.id
+            )));
+        }
+        if self.denied_serials.contains(&peer.serial) {
+            return Err(VerifyError::Revoked(format!(
+                "serial {} is denied",
+                peer.serial
+            )));
+        }
+        if peer.id.trust_domain != self.trust_domain {
+            return Err(VerifyError::WrongTrustDomain(
+                peer.id.to_string(),
+                self.trust_domain.clone(),
+            ));
+        }
+        Ok(peer)
+    }
+}
+
+fn chain_error(e: webpki::Error) -> VerifyError {
+    match e {
+        webpki::Error::CertExpired { .. } => VerifyError::Expired,
+        webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+        webpki::Error::UnknownIssuer => VerifyError::UnknownCa,
+        webpki::Error::CertRevoked => VerifyError::Revoked("listed in a CRL".into()),
+        other => VerifyError::Invalid(format!("{other:?}")),
+    }
+}
+
+/// The SPIFFE ID (the one URI SAN) and serial of a certificate.
+pub fn identity_of(der: &CertificateDer<'_>) -> Result<PeerIdentity, VerifyError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| VerifyError::Invalid(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| VerifyError::Invalid(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .map(|s| s.value.general_names.iter())
+        .into_iter()
+        .flatten()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        return Err(VerifyError::UriSanCount(uris.len()));
+    };
+    Ok(PeerIdentity {
+        id: uri.parse()?,
+        serial: serial_hex(cert.raw_serial()),
+    })
+}
+
+fn normalise_serial(s: &str) -> String {
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_lowercase();
+    let trimmed = hex.trim_start_matches('0');
+    // serial_hex keeps whole bytes: an odd digit count gets its leading zero back.
+    if trimmed.len() % 2 == 1 {
+        format!("0{trimmed}")
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn load_crl(path: &Path) -> Result<webpki::CertRevocationList<'static>> {
+    let bytes = std::fs::read(path).with_context(|| format!("read CRL {}", path.display()))?;
+    let der = match CertificateRevocationListDer::from_pem_slice(&bytes) {
+        Ok(der) => der.as_ref().to_vec(),
+        Err(_) => bytes,
+    };
+    let crl = OwnedCertRevocationList::from_der(&der)
+        .map_err(|e| anyhow::anyhow!("{}: not a CRL ({e:?})", path.display()))?;
+    Ok(crl.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_compare_however_they_are_written() {
+        assert_eq!(normalise_serial("00:0A:bc"), "0abc");
+        assert_eq!(normalise_serial("0abc"), "0abc");
+        assert_eq!(serial_hex(&[0, 0x0a, 0xbc]), "0abc");
+    }
+}
