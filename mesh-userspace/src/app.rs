@@ -17,10 +17,16 @@ use tokio::{
 
 use crate::{
     admin::{self, Endpoint},
-    config::Validated,
+    config::{IdentitySettings, Validated},
+    identity::{IdentityManager, IssuerFiles, SpiffeId},
     intercept::{ebpf, iptables, Interception, Mode},
     metrics::Metrics,
-    proxy::{self, inbound, outbound, Context},
+    proxy::{self, inbound, outbound, Context, Tunnels},
+    tls::{self, verify::TrustBundle},
+    tunnel::{
+        self,
+        pool::{ClientIdentity, Pool},
+    },
 };
 
 /// How often the interception's state (map fill levels, rules) is logged.
@@ -40,12 +46,23 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
     let inbound_listener = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
     let metrics_listener = listen(Ipv4Addr::UNSPECIFIED, ports::METRICS)?;
     let ready_listener = listen(Ipv4Addr::UNSPECIFIED, ports::READINESS)?;
+    let hbone_listener = match cfg.identity {
+        Some(_) => Some(listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (tunnels, hbone_tls) = match &cfg.identity {
+        Some(identity) => {
+            let (tunnels, tls) = start_identity(identity, &cfg, &metrics)?;
+            (Some(tunnels), Some(tls))
+        }
+        None => (None, None),
+    };
 
     let interception: Arc<dyn Interception> = match mode {
         Mode::Ebpf => Arc::new(ebpf::install(&cfg, &inbound_listener)?),
         Mode::Iptables => Arc::new(iptables::install(&cfg)?),
     };
-    let metrics = Arc::new(Metrics::default());
     let mut inbound_workloads = HashMap::new();
     for w in &cfg.workloads {
         for port in &w.ports {
@@ -57,6 +74,10 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         metrics: metrics.clone(),
         mark: cfg.proxy.mark,
         inbound: inbound_workloads,
+        peer_auth: cfg.peer_auth.clone(),
+        mesh_networks: cfg.mesh.networks.clone(),
+        egress: cfg.mesh.egress,
+        tunnels,
     });
     let workloads: Vec<&str> = cfg.workloads.iter().map(|w| w.name.as_str()).collect();
     tracing::info!(%mode, workloads = ?workloads, inbound_ports = ?cfg.inbound_ports(),
@@ -67,6 +88,7 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         _ = proxy::accept_loop(inbound_listener, ctx.clone(), inbound::handle) => Ok(()),
         _ = admin::serve(metrics_listener, Endpoint::Metrics(metrics.clone())) => Ok(()),
         _ = admin::serve(ready_listener, Endpoint::Ready) => Ok(()),
+        _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref(), &metrics) => Ok(()),
         stop = stop_signal() => stop,
     };
@@ -74,6 +96,59 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
     interception.uninstall().context("remove interception")?;
     tracing::info!("meshd stopped; interception removed");
     served
+}
+
+/// Mints the local identities' SVIDs (and keeps them renewed), and builds the HBONE client
+/// configuration of each workload and the :15008 server configuration.
+fn start_identity(
+    settings: &IdentitySettings,
+    cfg: &Validated,
+    metrics: &Arc<Metrics>,
+) -> Result<(Tunnels, Arc<rustls::ServerConfig>)> {
+    let td = &settings.trust_domain;
+    let mut workload_ids = Vec::new();
+    for w in &cfg.workloads {
+        workload_ids.push((
+            w.name.clone(),
+            SpiffeId::new(td, &w.namespace, &w.service_account)?,
+        ));
+    }
+    let mut ids: Vec<SpiffeId> = workload_ids.iter().map(|(_, id)| id.clone()).collect();
+    ids.push(settings.node_id.clone());
+    let issuer = IssuerFiles {
+        cert: settings.node_cert.clone(),
+        key: settings.node_key.clone(),
+    };
+    let manager = IdentityManager::start(issuer, settings.svid_ttl, ids, metrics.clone())?;
+    let bundle = Arc::new(TrustBundle::load(
+        td,
+        &settings.trust_bundle,
+        &settings.revocation,
+    )?);
+    let mut clients = HashMap::new();
+    for (name, id) in workload_ids {
+        let svid = manager.watch(&id).expect("minted above");
+        let config = tls::config::client_config(bundle.clone(), svid.clone(), None)?;
+        clients.insert(name, Arc::new(ClientIdentity { id, config, svid }));
+    }
+    let node_svid = manager.watch(&settings.node_id).expect("minted above");
+    let server = tls::config::server_config(bundle, node_svid)?;
+    let tunnels = Tunnels {
+        pool: Pool::new(cfg.proxy.mark, metrics.clone()),
+        clients,
+    };
+    Ok((tunnels, server))
+}
+
+async fn serve_hbone(
+    listener: Option<TcpListener>,
+    ctx: Arc<Context>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    match (listener, tls) {
+        (Some(listener), Some(tls)) => tunnel::server::serve(listener, ctx, tls).await,
+        _ => std::future::pending().await,
+    }
 }
 
 async fn log_status(interception: &dyn Interception, metrics: &Metrics) {

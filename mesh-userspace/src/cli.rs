@@ -48,6 +48,9 @@ pub enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// The embedded certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Show the iptables rule set a configuration produces.
     Iptables {
         /// Print the rules instead of applying them (the only action for now).
@@ -57,6 +60,43 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA (ECDSA P-256) in DIR; refuses to overwrite one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Create a node intermediate signed by the root in DIR: DIR/NODE.crt and DIR/NODE.key.
+    IssueNode {
+        node: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime, e.g. 720h.
+        #[arg(long, default_value = "720h")]
+        ttl: String,
+    },
+}
+
+/// Runs `meshd ca ...`.
+pub fn ca(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
+            crate::identity::SpiffeId::new(&trust_domain, "ns", "sa")?;
+            let cert = crate::identity::ca::init(&dir, &trust_domain)?;
+            println!("root CA for {trust_domain}: {}", cert.display());
+        }
+        CaCommand::IssueNode { node, dir, ttl } => {
+            let ttl = crate::config::mesh::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            let (cert, key) = crate::identity::ca::issue_node(&dir, &node, ttl)?;
+            println!("node {node}: {} {}", cert.display(), key.display());
+        }
+    }
+    Ok(())
 }
 
 /// Runs `meshd doctor`: prints the report; fails when no mode can run.

@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod sys;
 pub mod tls;
+pub mod tunnel;

@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
         Command::Doctor => cli::doctor(&cli.assume_missing),
         Command::Cleanup { pin_dir } => meshd::cleanup::run(pin_dir),
         Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
+        Command::Ca(command) => cli::ca(command),
         Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
     };
     match result {

@@ -38,6 +38,8 @@ impl EncodeLabelValue for Direction {
 pub struct ConnLabels {
     pub direction: Direction,
     pub mode: String,
+    /// `hbone` (mTLS tunnel) or `plaintext`.
+    pub transport: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,7 +144,9 @@ impl Metrics {
     }
 
     pub fn svid_renewal(&self, result: &'static str) {
-        self.svid_renewals.get_or_create(&ResultLabels { result }).inc();
+        self.svid_renewals
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Prometheus text exposition.

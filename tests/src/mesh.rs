@@ -139,3 +139,64 @@ impl TestNet {
         })
     }
 }
+
+/// A mesh CA for a test net: a root and one node intermediate per node, made with `meshd ca`,
+/// in a directory removed on drop.
+pub struct MeshCa {
+    pub dir: PathBuf,
+}
+
+impl MeshCa {
+    pub fn new(net: &TestNet) -> Result<MeshCa> {
+        let ca = MeshCa {
+            dir: std::env::temp_dir().join(format!("{}-ca", net.id())),
+        };
+        let dir = ca.dir.display().to_string();
+        let bin = meshd_bin();
+        let run = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new(&bin).args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "meshd {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        run(&[
+            "ca",
+            "init",
+            "--dir",
+            &dir,
+            "--trust-domain",
+            "cluster.local",
+        ])?;
+        for node in net.nodes() {
+            run(&[
+                "ca",
+                "issue-node",
+                &format!("n{}", node.index),
+                "--dir",
+                &dir,
+            ])?;
+        }
+        Ok(ca)
+    }
+
+    /// The `identity:` and `mesh:` config sections for `node`.
+    pub fn config(&self, node: usize, svid_ttl: &str, revoked_ids: &[&str]) -> String {
+        let d = self.dir.display();
+        format!(
+            "identity:\n  trust_domain: cluster.local\n  node_name: n{node}\n  \
+             node_cert: {d}/n{node}.crt\n  node_key: {d}/n{node}.key\n  \
+             trust_bundle: [{d}/root.crt]\n  svid_ttl: {svid_ttl}\n  \
+             revocation:\n    spiffe_ids: {revoked_ids:?}\n\
+             mesh:\n  networks: [198.18.0.0/15]\n"
+        )
+    }
+}
+
+impl Drop for MeshCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

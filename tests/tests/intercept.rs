@@ -65,17 +65,22 @@ fn outbound_bytes_arrive_intact_through_meshd_in_both_modes() {
         let _server = echo_server(&net, 1, None);
         let mut meshd = checkout(&net, mode);
         let target = format!("{}:7000", net.node(1).addr);
-        for (bytes, conns) in [(1, 1), (1 << 20, 1), (4096, 64)] {
-            let out = run_client(&net, 0, Some("checkout"), &target, bytes, conns);
-            // The application's getpeername() sees where it connected, not 127.0.0.1:15001.
-            assert!(out.contains(&format!("peer {target}")), "{mode}: {out}");
-        }
-        let needles = [
-            "direction=outbound",
-            "workload=default/checkout",
-            &format!("dst={target}"),
+        // An IPv6 socket dialling the v4-mapped address is steered like an IPv4 one.
+        let mapped = format!("[::ffff:{}]:7000", net.node(1).addr);
+        let runs = [
+            (&target, 1, 1),
+            (&target, 1 << 20, 1),
+            (&target, 4096, 64),
+            (&mapped, 999, 1),
         ];
-        let lines = meshd.wait_access(&needles, 66).unwrap();
+        for (dst, bytes, conns) in runs {
+            let out = run_client(&net, 0, Some("checkout"), dst, bytes, conns);
+            // The application's getpeername() sees where it connected, not 127.0.0.1:15001.
+            assert!(out.contains(&format!("peer {dst}")), "{mode}: {out}");
+        }
+        let dst = format!("dst={target}");
+        let needles = ["direction=outbound", "workload=default/checkout", &dst];
+        let lines = meshd.wait_access(&needles, 67).unwrap();
         let mode_field = format!("mode={mode}");
         assert!(
             lines.iter().all(|l| l.contains(&mode_field)),
@@ -83,15 +88,27 @@ fn outbound_bytes_arrive_intact_through_meshd_in_both_modes() {
         );
         assert!(
             lines.iter().any(|l| l.contains("bytes_sent=1048576")),
-            "{mode}: {lines:?}"
+            "{mode}"
         );
-        // Exactly the 66 client connections: meshd's own upstream dials were not captured again.
-        assert_eq!(
-            meshd.access_lines().len(),
-            66,
-            "{mode}: {:?}",
-            meshd.access_lines()
+        assert!(
+            lines.iter().any(|l| l.contains("bytes_sent=999")),
+            "{mode}: v4-mapped"
         );
+        // Exactly the 67 client connections: meshd's own upstream dials were not captured again.
+        let all = meshd.access_lines();
+        assert_eq!(all.len(), 67, "{mode}: {all:?}");
+        let metrics = meshd.metrics(&net, 0).unwrap();
+        let counter = format!(
+            "meshd_connections_total{{direction=\"outbound\",mode=\"{mode}\",transport=\"plaintext\"}} 67"
+        );
+        assert!(metrics.contains(&counter), "{mode}: {metrics}");
+        if mode == "ebpf" {
+            let fill = "meshd_bpf_map_entries{map=\"ORIG_DST_BY_TUPLE\"}";
+            assert!(
+                metrics.contains(fill),
+                "map fill level is reported: {metrics}"
+            );
+        }
     }
 }
 
@@ -181,7 +198,9 @@ fn inbound_connections_to_a_workload_port_arrive_via_15006_in_both_modes() {
             name: "orders",
             ports: &[7000],
         }];
-        let mut meshd = net.start_meshd(0, mode, &spec).unwrap();
+        // Plaintext from outside the mesh is only forwarded when PERMISSIVE.
+        let permissive = "peer_authentication:\n- spec: {mtls: {mode: PERMISSIVE}}\n";
+        let mut meshd = net.start_meshd_with(0, mode, &spec, permissive).unwrap();
         let target = format!("{}:7000", net.node(0).addr);
         run_client(&net, 1, None, &target, 100_000, 8);
         let needles = [

@@ -7,7 +7,7 @@ mod manager;
 mod spiffe;
 pub mod svid;
 
-pub use manager::{node_id, IdentityManager};
+pub use manager::{node_id, IdentityManager, IssuerFiles};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use svid::Svid;
 

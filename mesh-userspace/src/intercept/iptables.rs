@@ -58,11 +58,13 @@ pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
 impl IptablesInterception {
     /// The workload whose process owns the application end `app` -> `dst`.
     fn owner(&self, app: SocketAddrV4, dst: SocketAddrV4) -> Option<Arc<Workload>> {
-        let (app, dst) = (SocketAddr::V4(app), SocketAddr::V4(dst));
-        let table = procfs::net::tcp().ok()?;
+        // Dual-stack sockets dialling v4-mapped addresses are listed in tcp6.
+        let mut table = procfs::net::tcp().unwrap_or_default();
+        table.extend(procfs::net::tcp6().unwrap_or_default());
+        let is = |a: SocketAddr, want: SocketAddrV4| v4(a).is_ok_and(|a| a == want);
         let entry = table
             .iter()
-            .find(|e| e.local_address == app && e.remote_address == dst)?;
+            .find(|e| is(e.local_address, app) && is(e.remote_address, dst))?;
         self.workloads
             .iter()
             .find(|w| cgroup_holds_socket(&w.cgroup_path, entry.inode))

@@ -1,14 +1,15 @@
 //! Inbound plaintext (:15006): new connections from outside to a workload port, captured by
-//! sk_lookup (ebpf) or PREROUTING REDIRECT (iptables). Delivered to the workload from
-//! 127.0.0.6, which neither capture path takes again. (mTLS peers arrive on :15008 instead.)
+//! sk_lookup (ebpf) or PREROUTING REDIRECT (iptables). PeerAuthentication decides: STRICT
+//! refuses them (mTLS peers come through :15008), PERMISSIVE forwards them with a warning.
+//! Deliveries come from 127.0.0.6, which neither capture path takes again.
 
 use std::sync::Arc;
 
 use mesh_common::DELIVERY_SOURCE_IP;
 use tokio::net::TcpStream;
 
-use super::{Context, Forward};
-use crate::metrics::Direction;
+use super::{labels, relay_plaintext, Access, Context};
+use crate::{config::MtlsMode, metrics::Direction};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
     let dst = match ctx.interception.inbound_dst(&app) {
@@ -27,12 +28,27 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
         tracing::warn!(%dst, "inbound connection to a port no local workload serves: closed");
         return;
     };
-    let forward = Forward {
-        direction: Direction::Inbound,
-        app,
+    let src = app.peer_addr().ok();
+    match ctx.peer_auth.mode(&workload.namespace, dst.port()) {
+        MtlsMode::Strict | MtlsMode::Unset => {
+            ctx.metrics
+                .reject(Direction::Inbound, "plaintext_refused_strict");
+            tracing::warn!(%dst, src = ?src, workload = %workload.name,
+                "plaintext connection refused: PeerAuthentication is STRICT");
+            return;
+        }
+        MtlsMode::Permissive => {
+            tracing::warn!(%dst, src = ?src, workload = %workload.name,
+                "plaintext connection forwarded: PeerAuthentication is PERMISSIVE");
+        }
+        MtlsMode::Disable => {}
+    }
+    let mut access = Access::begin(
+        &ctx,
+        labels(&ctx, Direction::Inbound, "plaintext"),
         dst,
-        source: Some(DELIVERY_SOURCE_IP.into()),
-        workload: Some(workload),
-    };
-    forward.run(&ctx).await;
+        src,
+    );
+    access.workload = Some(workload);
+    relay_plaintext(&ctx, app, access, Some(DELIVERY_SOURCE_IP.into())).await;
 }

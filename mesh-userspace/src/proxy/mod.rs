@@ -1,7 +1,7 @@
 //! The proxy: accept loops for the outbound (:15001) and inbound plaintext (:15006) listeners,
-//! and the relay both share: dial the destination from a marked socket (so neither mode
-//! intercepts meshd's own connections), copy both ways with half-close, and write one access
-//! log line per connection.
+//! dialling from a marked socket (so neither interception mode captures meshd's own
+//! connections), the plaintext relay, and the access record every connection ends with: one
+//! log line, counters and the active gauge.
 
 pub mod inbound;
 pub mod outbound;
@@ -14,12 +14,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
-    config::Workload,
+    config::{Egress, Ipv4Cidr, PeerAuth, Workload},
     intercept::Interception,
     metrics::{BytesLabels, ConnLabels, Direction, Metrics},
+    tls::verify::PeerIdentity,
+    tunnel::pool::{ClientIdentity, Pool},
 };
 
 /// How long dialling a destination may take before the application's connection is reset.
@@ -32,8 +35,26 @@ pub struct Context {
     /// SO_MARK on meshd's own upstream sockets.
     pub mark: u32,
     /// Local workloads by the ports they serve: the only destinations inbound connections
-    /// may reach.
+    /// (plaintext or HBONE) may reach.
     pub inbound: HashMap<u16, Arc<Workload>>,
+    pub peer_auth: PeerAuth,
+    /// Destinations reached through HBONE.
+    pub mesh_networks: Vec<Ipv4Cidr>,
+    pub egress: Egress,
+    /// Present when meshd has an identity.
+    pub tunnels: Option<Tunnels>,
+}
+
+pub struct Tunnels {
+    pub pool: Pool,
+    /// Each local workload's client identity, by workload name.
+    pub clients: HashMap<String, Arc<ClientIdentity>>,
+}
+
+impl Context {
+    pub fn in_mesh(&self, ip: Ipv4Addr) -> bool {
+        self.mesh_networks.iter().any(|n| n.contains(ip))
+    }
 }
 
 /// Accepts forever, one task per connection. Accept errors (fd exhaustion) are logged and
@@ -70,67 +91,114 @@ pub async fn dial(dst: SocketAddrV4, mark: u32, source: Option<Ipv4Addr>) -> io:
     Ok(stream)
 }
 
-/// One accepted connection on its way to `dst`.
-pub struct Forward {
-    pub direction: Direction,
-    pub app: TcpStream,
-    pub dst: SocketAddrV4,
-    pub source: Option<Ipv4Addr>,
-    pub workload: Option<Arc<Workload>>,
+/// Closes an application connection with a reset, as if its own dial had failed.
+pub fn reset(app: &TcpStream) {
+    let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
 }
 
-impl Forward {
-    /// Dials, relays until both sides are done, counts, and logs the access line.
-    pub async fn run(mut self, ctx: &Context) {
-        let started = Instant::now();
-        let peer = self.app.peer_addr().ok();
-        let labels = ConnLabels {
-            direction: self.direction,
-            mode: ctx.interception.mode().to_string(),
-        };
-        let mut upstream = match dial(self.dst, ctx.mark, self.source).await {
-            Ok(s) => s,
-            Err(e) => {
-                ctx.metrics
-                    .reject(self.direction, "upstream_connect_failed");
-                tracing::warn!(direction = %self.direction, dst = %self.dst, error = %e,
-                    "cannot reach the destination; resetting the application's connection");
-                // Linger 0: the application sees a reset, as if it had dialled and failed itself.
-                let _ = socket2::SockRef::from(&self.app).set_linger(Some(Duration::ZERO));
-                return;
-            }
-        };
-        let _ = self.app.set_nodelay(true);
+/// One connection's record, from the moment it is established to its access log line.
+pub struct Access {
+    pub labels: ConnLabels,
+    pub workload: Option<Arc<Workload>>,
+    /// The verified identity of the sending workload (HBONE inbound).
+    pub peer: Option<Arc<PeerIdentity>>,
+    pub src: Option<SocketAddr>,
+    pub dst: SocketAddrV4,
+    started: Instant,
+    active: Gauge,
+}
+
+impl Access {
+    pub fn begin(
+        ctx: &Context,
+        labels: ConnLabels,
+        dst: SocketAddrV4,
+        src: Option<SocketAddr>,
+    ) -> Access {
         ctx.metrics.connections.get_or_create(&labels).inc();
         let active = ctx.metrics.active.get_or_create(&labels).clone();
         active.inc();
-        let result = tokio::io::copy_bidirectional(&mut self.app, &mut upstream).await;
-        active.dec();
+        Access {
+            labels,
+            workload: None,
+            peer: None,
+            src,
+            dst,
+            started: Instant::now(),
+            active,
+        }
+    }
+
+    /// Counts the bytes and writes the access log line.
+    pub fn finish(self, ctx: &Context, result: io::Result<(u64, u64)>) {
+        self.active.dec();
         let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
         for (way, n) in [("sent", sent), ("received", received)] {
-            let l = BytesLabels {
-                direction: self.direction,
-                way,
-            };
-            ctx.metrics.bytes.get_or_create(&l).inc_by(n);
+            let direction = self.labels.direction;
+            ctx.metrics
+                .bytes
+                .get_or_create(&BytesLabels { direction, way })
+                .inc_by(n);
         }
         tracing::info!(
             target: "access",
-            direction = %self.direction,
-            mode = %labels.mode,
+            direction = %self.labels.direction,
+            mode = %self.labels.mode,
+            transport = %self.labels.transport,
             workload = %workload_name(self.workload.as_deref()),
-            src = %peer.map_or("?".into(), |p| p.to_string()),
+            peer = %self.peer.as_ref().map_or("-".into(), |p| p.id.to_string()),
+            peer_serial = %self.peer.as_ref().map_or("-", |p| p.serial.as_str()),
+            src = %self.src.map_or("?".into(), |p| p.to_string()),
             dst = %self.dst,
             bytes_sent = sent,
             bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = self.started.elapsed().as_millis() as u64,
             error = %result.err().map_or(String::new(), |e| e.to_string()),
             "connection"
         );
     }
 }
 
+/// Plaintext: dial `dst` and copy both ways with half-close.
+pub async fn relay_plaintext(
+    ctx: &Context,
+    mut app: TcpStream,
+    mut access: Access,
+    source: Option<Ipv4Addr>,
+) {
+    let mut upstream = match dial(access.dst, ctx.mark, source).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics
+                .reject(access.labels.direction, "upstream_connect_failed");
+            tracing::warn!(direction = %access.labels.direction, dst = %access.dst, error = %e,
+                "cannot reach the destination; resetting the application's connection");
+            reset(&app);
+            access.finish(ctx, Err(e));
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    access.src = access.src.or(app.peer_addr().ok());
+    let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+    access.finish(ctx, result);
+}
+
+/// Labels for a connection of this meshd.
+pub fn labels(ctx: &Context, direction: Direction, transport: &'static str) -> ConnLabels {
+    ConnLabels {
+        direction,
+        mode: ctx.interception.mode().to_string(),
+        transport,
+    }
+}
+
 /// `namespace/name`, or `unknown` when the sender is not a configured workload.
 pub fn workload_name(w: Option<&Workload>) -> String {
     w.map_or("unknown".into(), |w| format!("{}/{}", w.namespace, w.name))
+}
+
+/// Loopback, or an address of this host (binding to it succeeds).
+pub fn is_local(ip: Ipv4Addr) -> bool {
+    ip.is_loopback() || std::net::TcpListener::bind((ip, 0)).is_ok()
 }

@@ -1,12 +1,14 @@
 //! Outbound (:15001): connections the interception steered away from where the application
-//! sent them. Ask the interception where they were going and who sent them, then forward.
+//! sent them. Ask the interception where they were going and who sent them; destinations in
+//! the mesh go through an HBONE tunnel carrying the sender's SVID, others follow the egress
+//! setting (plaintext passthrough or refusal).
 
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{Context, Forward};
-use crate::metrics::Direction;
+use super::{is_local, labels, relay_plaintext, reset, Access, Context};
+use crate::{config::Egress, intercept::Origin, metrics::Direction, tunnel};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
     let origin = match ctx.interception.outbound_origin(&app) {
@@ -18,23 +20,66 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
             return;
         }
     };
-    if mesh_common::ports::ALL.contains(&origin.dst.port()) && is_local(origin.dst) {
+    let dst = origin.dst;
+    if mesh_common::ports::ALL.contains(&dst.port()) && is_local(*dst.ip()) {
         // Forwarding to ourselves would loop; interception never steers these ports.
         ctx.metrics.reject(Direction::Outbound, "loop");
-        tracing::warn!(dst = %origin.dst, "outbound connection to meshd's own port: closed");
+        tracing::warn!(%dst, "outbound connection to meshd's own port: closed");
         return;
     }
-    let forward = Forward {
-        direction: Direction::Outbound,
-        app,
-        dst: origin.dst,
-        source: None,
-        workload: origin.workload,
-    };
-    forward.run(&ctx).await;
+    if ctx.in_mesh(*dst.ip()) {
+        return through_tunnel(app, origin, &ctx).await;
+    }
+    if ctx.egress == Egress::Deny {
+        ctx.metrics.reject(Direction::Outbound, "egress_denied");
+        tracing::warn!(%dst, "destination outside the mesh and egress is deny: refused");
+        reset(&app);
+        return;
+    }
+    let mut access = Access::begin(
+        &ctx,
+        labels(&ctx, Direction::Outbound, "plaintext"),
+        dst,
+        None,
+    );
+    access.workload = origin.workload;
+    relay_plaintext(&ctx, app, access, None).await;
 }
 
-/// Loopback, or an address of this host (binding to it succeeds).
-fn is_local(addr: std::net::SocketAddrV4) -> bool {
-    addr.ip().is_loopback() || std::net::TcpListener::bind((*addr.ip(), 0)).is_ok()
+async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context) {
+    let client = ctx
+        .tunnels
+        .as_ref()
+        .zip(origin.workload.as_ref())
+        .and_then(|(t, w)| t.clients.get(&w.name));
+    let (Some(tunnels), Some(client)) = (ctx.tunnels.as_ref(), client) else {
+        // No identity to speak for it: sending it in plaintext would break the mesh's promise.
+        ctx.metrics.reject(Direction::Outbound, "no_identity");
+        tracing::warn!(dst = %origin.dst, "sender is not a configured workload: no SVID to tunnel with; refused");
+        reset(&app);
+        return;
+    };
+    let mut access = Access::begin(
+        ctx,
+        labels(ctx, Direction::Outbound, "hbone"),
+        origin.dst,
+        app.peer_addr().ok(),
+    );
+    access.workload = origin.workload.clone();
+    match tunnels
+        .pool
+        .open(client, *origin.dst.ip(), origin.dst)
+        .await
+    {
+        Ok((send, recv)) => {
+            let result = tunnel::bridge(&mut app, send, recv).await;
+            access.finish(ctx, result);
+        }
+        Err(e) => {
+            ctx.metrics.reject(Direction::Outbound, e.reason());
+            tracing::warn!(dst = %origin.dst, error = %e, "tunnel failed; resetting the application's connection");
+            reset(&app);
+            access.finish(ctx, Err(std::io::Error::other(e)));
+        }
+    }
 }

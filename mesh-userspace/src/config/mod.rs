@@ -12,6 +12,10 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod mesh;
+
+pub use mesh::{Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth};
+
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config {field}: {reason}")]
@@ -36,6 +40,13 @@ pub struct Config {
     pub exclude: Exclude,
     #[serde(default)]
     pub proxy: ProxySettings,
+    /// Without it meshd has no identity and forwards in plaintext (interception only).
+    #[serde(default)]
+    pub identity: Option<mesh::IdentityConfig>,
+    #[serde(default)]
+    pub mesh: mesh::MeshNetworks,
+    #[serde(default)]
+    pub peer_authentication: Vec<mesh::PeerAuthenticationDoc>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +177,9 @@ pub struct Validated {
     pub excluded_ports: Vec<u16>,
     pub excluded_cidrs: Vec<Ipv4Cidr>,
     pub proxy: ProxySettings,
+    pub identity: Option<IdentitySettings>,
+    pub mesh: MeshSettings,
+    pub peer_auth: PeerAuth,
 }
 
 impl Validated {
@@ -228,11 +242,22 @@ impl Config {
                 "must not be 0 (unmarked sockets carry 0)",
             ));
         }
+        let identity = self.identity.as_ref().map(|i| i.validate()).transpose()?;
+        let mesh = self.mesh.validate()?;
+        if identity.is_none() && !mesh.networks.is_empty() {
+            return Err(err(
+                "mesh.networks",
+                "needs an identity section (mTLS needs certificates)",
+            ));
+        }
         Ok(Validated {
             workloads,
             excluded_ports: self.exclude.ports,
             excluded_cidrs,
             proxy: self.proxy,
+            identity,
+            mesh,
+            peer_auth: mesh::PeerAuth::from_docs(&self.peer_authentication)?,
         })
     }
 }

@@ -3,9 +3,18 @@
 //!
 //! testhosts-tool echo-server ADDR        print `ready ADDR`, echo every connection; when the
 //!                                        client half-closes, finish writing and close too
-//! testhosts-tool client ADDR BYTES CONNS open CONNS connections at once, send BYTES each,
-//!                                        half-close, read the echo back and compare; print
-//!                                        `peer ADDR` (getpeername) and `ok CONNS BYTES`
+//! testhosts-tool client ADDR BYTES CONNS [MARKER]
+//!                                        open CONNS connections at once, send BYTES each
+//!                                        (MARKER repeated, if given), half-close, read the echo
+//!                                        back and compare; print `peer ADDR` (getpeername) and
+//!                                        `ok CONNS BYTES`
+//! testhosts-tool loop ADDR SECONDS       one connection after another for SECONDS, 100 bytes
+//!                                        echoed on each; print `loop ok N failed M`
+//! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
+//! testhosts-tool hbone ADDR AUTHORITY [CERT KEY]
+//!                                        mTLS (TLS 1.3, ALPN h2) to ADDR with the given client
+//!                                        SVID, CONNECT AUTHORITY; print `status N` and, on 200,
+//!                                        `echo ok` after a round trip; `tls-error ...` on failure
 
 use std::{
     io::{Read, Write},
@@ -22,8 +31,15 @@ fn main() {
         .as_slice()
     {
         ["echo-server", addr] => echo_server(addr),
-        ["client", addr, bytes, conns] => client(addr, parse(bytes), parse(conns)),
-        _ => Err("usage: echo-server ADDR | client ADDR BYTES CONNS".to_string()),
+        ["client", addr, bytes, conns] => client(addr, parse(bytes), parse(conns), None),
+        ["client", addr, bytes, conns, marker] => {
+            client(addr, parse(bytes), parse(conns), Some(marker.as_bytes()))
+        }
+        ["loop", addr, secs] => repeat(addr, parse(secs)),
+        ["raw", addr, what] => raw(addr, what),
+        ["hbone", addr, authority] => hbone::run(addr, authority, None),
+        ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
+        _ => Err("usage: see the top of testhosts-tool.rs".to_string()),
     };
     if let Err(e) = result {
         eprintln!("testhosts-tool: {e}");
@@ -68,11 +84,15 @@ fn payload(len: usize, seed: usize) -> Vec<u8> {
         .collect()
 }
 
-fn client(addr: &str, bytes: usize, conns: usize) -> Result<(), String> {
+fn client(addr: &str, bytes: usize, conns: usize, marker: Option<&[u8]>) -> Result<(), String> {
     let workers: Vec<_> = (0..conns)
         .map(|i| {
             let addr = addr.to_string();
-            thread::spawn(move || one_connection(&addr, bytes, i))
+            let data = match marker {
+                Some(m) => m.iter().copied().cycle().take(bytes).collect(),
+                None => payload(bytes, i),
+            };
+            thread::spawn(move || one_connection(&addr, data))
         })
         .collect();
     let mut peers = Vec::new();
@@ -91,10 +111,10 @@ fn client(addr: &str, bytes: usize, conns: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn one_connection(addr: &str, bytes: usize, seed: usize) -> Result<String, String> {
+fn one_connection(addr: &str, sent: Vec<u8>) -> Result<String, String> {
+    let bytes = sent.len();
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?.to_string();
-    let sent = payload(bytes, seed);
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let send = thread::spawn(move || {
         writer.write_all(&sent)?;
@@ -118,3 +138,37 @@ fn one_connection(addr: &str, bytes: usize, seed: usize) -> Result<String, Strin
     }
     Ok(peer)
 }
+
+fn repeat(addr: &str, secs: usize) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs as u64);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut i = 0;
+    while std::time::Instant::now() < deadline {
+        i += 1;
+        match one_connection(addr, payload(100, i)) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!("connection {i} failed: {e}");
+            }
+        }
+    }
+    println!("loop ok {ok} failed {failed}");
+    Ok(())
+}
+
+fn raw(addr: &str, what: &str) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let bytes = if what == "random" {
+        payload(512, 7)
+    } else {
+        what.replace("\\r\\n", "\r\n").into_bytes()
+    };
+    let _ = stream.write_all(&bytes);
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink);
+    println!("closed after {} bytes back", sink.len());
+    Ok(())
+}
+
+mod hbone;

@@ -1,0 +1,337 @@
+//! The mesh parts of the configuration: the node's identity (trust domain, node intermediate,
+//! trust bundle, SVID lifetime, revocation), which destinations are in the mesh, and
+//! PeerAuthentication policies shaped like Istio's, so users can bring what they have.
+
+use std::{collections::BTreeMap, collections::HashMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::{err, ConfigError, Ipv4Cidr};
+use crate::{identity::SpiffeId, tls::verify::Revocation};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    /// This node's name: its HBONE server identity is spiffe://<td>/ns/meshd-system/sa/<node>.
+    pub node_name: String,
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    /// PEM files of trusted roots (several, for root rotation).
+    pub trust_bundle: Vec<PathBuf>,
+    /// SVID lifetime: `24h`, `30m`, `10s`, `500ms`.
+    #[serde(default = "default_ttl")]
+    pub svid_ttl: String,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+}
+
+fn default_ttl() -> String {
+    "24h".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    #[serde(default)]
+    pub spiffe_ids: Vec<String>,
+    #[serde(default)]
+    pub serials: Vec<String>,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Destinations outside the mesh are reached directly, in plaintext.
+    #[default]
+    Passthrough,
+    /// Destinations outside the mesh are refused.
+    Deny,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshNetworks {
+    /// Destinations in these CIDRs are reached through HBONE at `<destination ip>:15008`.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Unset,
+    Strict,
+    Permissive,
+    Disable,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Mtls {
+    pub mode: MtlsMode,
+}
+
+/// `kind: PeerAuthentication` (security.istio.io) as far as meshd implements it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthenticationDoc {
+    #[serde(rename = "apiVersion", default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Absent or the root namespace (`istio-system`): the policy is mesh-wide.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub mtls: Option<Mtls>,
+    #[serde(rename = "portLevelMtls", default)]
+    pub port_level_mtls: BTreeMap<u16, Mtls>,
+}
+
+/// The identity settings, validated.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub trust_domain: String,
+    pub node_id: SpiffeId,
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    pub trust_bundle: Vec<PathBuf>,
+    pub svid_ttl: Duration,
+    pub revocation: Revocation,
+}
+
+impl IdentityConfig {
+    pub fn validate(&self) -> Result<IdentitySettings, ConfigError> {
+        let node_id = crate::identity::node_id(&self.trust_domain, &self.node_name)
+            .map_err(|e| err("identity", e.to_string()))?;
+        for (field, path) in [
+            ("identity.node_cert", &self.node_cert),
+            ("identity.node_key", &self.node_key),
+        ] {
+            if !path.is_file() {
+                return Err(err(
+                    field,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        if self.trust_bundle.is_empty() {
+            return Err(err(
+                "identity.trust_bundle",
+                "needs at least one root certificate file",
+            ));
+        }
+        for (i, path) in self.trust_bundle.iter().enumerate() {
+            if !path.is_file() {
+                let reason = format!("{} is not a readable file", path.display());
+                return Err(err(format!("identity.trust_bundle[{i}]"), reason));
+            }
+        }
+        let svid_ttl = parse_duration(&self.svid_ttl).map_err(|r| err("identity.svid_ttl", r))?;
+        if svid_ttl < Duration::from_secs(1) {
+            return Err(err("identity.svid_ttl", "must be at least 1s"));
+        }
+        for (i, id) in self.revocation.spiffe_ids.iter().enumerate() {
+            id.parse::<SpiffeId>().map_err(|e| {
+                err(
+                    format!("identity.revocation.spiffe_ids[{i}]"),
+                    e.to_string(),
+                )
+            })?;
+        }
+        for (i, serial) in self.revocation.serials.iter().enumerate() {
+            if serial.is_empty() || !serial.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+                let reason = format!("{serial:?} is not a hex serial number");
+                return Err(err(format!("identity.revocation.serials[{i}]"), reason));
+            }
+        }
+        Ok(IdentitySettings {
+            trust_domain: self.trust_domain.clone(),
+            node_id,
+            node_cert: self.node_cert.clone(),
+            node_key: self.node_key.clone(),
+            trust_bundle: self.trust_bundle.clone(),
+            svid_ttl,
+            revocation: Revocation {
+                spiffe_ids: self.revocation.spiffe_ids.clone(),
+                serials: self.revocation.serials.clone(),
+                crl_files: self.revocation.crls.clone(),
+            },
+        })
+    }
+}
+
+/// `500ms`, `10s`, `30m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m, 10s"))?;
+    let unit_secs = |secs: u64| Duration::from_secs(n.saturating_mul(secs));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(unit_secs(1)),
+        "m" => Ok(unit_secs(60)),
+        "h" => Ok(unit_secs(3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
+    }
+}
+
+/// Which mTLS mode applies to plaintext arriving for a workload port.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAuth {
+    mesh_wide: Option<Policy>,
+    by_namespace: HashMap<String, Policy>,
+}
+
+#[derive(Debug, Clone)]
+struct Policy {
+    mode: MtlsMode,
+    ports: BTreeMap<u16, MtlsMode>,
+}
+
+const ROOT_NAMESPACE: &str = "istio-system";
+
+impl PeerAuth {
+    pub fn from_docs(docs: &[PeerAuthenticationDoc]) -> Result<PeerAuth, ConfigError> {
+        let mut out = PeerAuth::default();
+        for (i, doc) in docs.iter().enumerate() {
+            let field = |f: &str| format!("peer_authentication[{i}].{f}");
+            if doc
+                .kind
+                .as_deref()
+                .is_some_and(|k| k != "PeerAuthentication")
+            {
+                return Err(err(field("kind"), "must be PeerAuthentication"));
+            }
+            if doc.spec.selector.is_some() {
+                let reason = "workload selectors are not supported; scope by namespace";
+                return Err(err(field("spec.selector"), reason));
+            }
+            let policy = Policy {
+                mode: doc.spec.mtls.as_ref().map_or(MtlsMode::Unset, |m| m.mode),
+                ports: doc
+                    .spec
+                    .port_level_mtls
+                    .iter()
+                    .map(|(p, m)| (*p, m.mode))
+                    .collect(),
+            };
+            match doc.metadata.namespace.as_deref() {
+                None | Some(ROOT_NAMESPACE) if out.mesh_wide.is_some() => {
+                    return Err(err(field("metadata"), "a second mesh-wide policy"));
+                }
+                None | Some(ROOT_NAMESPACE) => out.mesh_wide = Some(policy),
+                Some(ns) if out.by_namespace.contains_key(ns) => {
+                    return Err(err(
+                        field("metadata.namespace"),
+                        format!("a second policy for {ns}"),
+                    ));
+                }
+                Some(ns) => {
+                    out.by_namespace.insert(ns.to_string(), policy);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The mode for `port` of a workload in `namespace`: the namespace policy's port level,
+    /// then its default, then the mesh-wide policy's, then STRICT.
+    pub fn mode(&self, namespace: &str, port: u16) -> MtlsMode {
+        let scopes = [self.by_namespace.get(namespace), self.mesh_wide.as_ref()];
+        for policy in scopes.into_iter().flatten() {
+            if let Some(mode) = policy.ports.get(&port).filter(|m| **m != MtlsMode::Unset) {
+                return *mode;
+            }
+            if policy.mode != MtlsMode::Unset {
+                return policy.mode;
+            }
+        }
+        MtlsMode::Strict
+    }
+}
+
+/// Mesh membership of destinations.
+#[derive(Debug, Clone, Default)]
+pub struct MeshSettings {
+    pub networks: Vec<Ipv4Cidr>,
+    pub egress: Egress,
+}
+
+impl MeshNetworks {
+    pub fn validate(&self) -> Result<MeshSettings, ConfigError> {
+        let networks = (self.networks.iter().enumerate())
+            .map(|(i, c)| c.parse().map_err(|r| err(format!("mesh.networks[{i}]"), r)))
+            .collect::<Result<Vec<Ipv4Cidr>, _>>()?;
+        Ok(MeshSettings {
+            networks,
+            egress: self.egress,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(yaml: &str) -> Vec<PeerAuthenticationDoc> {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn port_level_then_namespace_then_mesh_wide_then_strict() {
+        let auth = PeerAuth::from_docs(&docs(
+            "- metadata: {namespace: istio-system}\n  spec: {mtls: {mode: PERMISSIVE}}\n\
+             - metadata: {namespace: shop}\n  spec:\n    mtls: {mode: STRICT}\n    \
+               portLevelMtls: {8080: {mode: PERMISSIVE}}\n",
+        ))
+        .unwrap();
+        assert_eq!(auth.mode("shop", 8080), MtlsMode::Permissive);
+        assert_eq!(auth.mode("shop", 9090), MtlsMode::Strict);
+        assert_eq!(auth.mode("other", 9090), MtlsMode::Permissive);
+        assert_eq!(PeerAuth::default().mode("any", 1), MtlsMode::Strict);
+    }
+
+    #[test]
+    fn unsupported_or_conflicting_policies_are_rejected() {
+        let selector = docs("- spec: {selector: {matchLabels: {app: a}}, mtls: {mode: STRICT}}\n");
+        let e = PeerAuth::from_docs(&selector).unwrap_err();
+        assert_eq!(e.field, "peer_authentication[0].spec.selector");
+        let twice = docs("- spec: {mtls: {mode: STRICT}}\n- spec: {mtls: {mode: PERMISSIVE}}\n");
+        assert!(PeerAuth::from_docs(&twice)
+            .unwrap_err()
+            .reason
+            .contains("second mesh-wide"));
+    }
+
+    #[test]
+    fn durations_parse_with_units_only() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("24").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("1d").is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! HBONE: application bytes carried in HTTP/2 CONNECT streams over mutual TLS, as Istio
+//! ambient speaks it. `pool.rs` is the client side (one pooled connection per source identity
+//! and peer node, one stream per application connection), `server.rs` the :15008 listener.
+//! `bridge` copies between an application socket and a stream, with half-close both ways:
+//! END_STREAM is the application's FIN.
+
+pub mod pool;
+pub mod server;
+
+use std::{future::poll_fn, io};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Flow-control windows and frame size, as the reference peer advertises them: large enough
+/// that one stream is not throttled by round trips on a fast link.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
+/// How much of the application's data one read takes.
+const READ_CHUNK: usize = 64 << 10;
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+/// Copies `tcp` <-> (`send`, `recv`) until both directions end; returns bytes (tcp->stream,
+/// stream->tcp).
+pub async fn bridge(
+    tcp: &mut TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> io::Result<(u64, u64)> {
+    let (mut rd, mut wr) = tcp.split();
+    tokio::try_join!(to_stream(&mut rd, send), from_stream(recv, &mut wr))
+}
+
+async fn to_stream(
+    rd: &mut (impl AsyncRead + Unpin),
+    mut send: SendStream<Bytes>,
+) -> io::Result<u64> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut total = 0u64;
+    loop {
+        buf.reserve(READ_CHUNK);
+        if rd.read_buf(&mut buf).await? == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        let mut data = buf.split().freeze();
+        total += data.len() as u64;
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?
+                .map_err(h2_io)?;
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(h2_io)?;
+        }
+    }
+}
+
+async fn from_stream(mut recv: RecvStream, wr: &mut (impl AsyncWrite + Unpin)) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        wr.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    wr.shutdown().await?;
+    Ok(total)
+}

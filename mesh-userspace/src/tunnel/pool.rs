@@ -1,0 +1,181 @@
+//! The HBONE client: one pooled mTLS + HTTP/2 connection per (source identity, peer node), one
+//! CONNECT stream per application connection. Reusing the connection is what makes a new
+//! application connection cheap: no handshake, one HEADERS frame. A pooled connection made with
+//! a certificate that has since rotated takes no new streams (its open streams finish on it),
+//! so the peer sees the new certificate from the next connection on.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use h2::{client::SendRequest, RecvStream, SendStream};
+use rustls::{pki_types::ServerName, ClientConfig};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use crate::{
+    identity::{SpiffeId, Svid},
+    metrics::{Direction, Metrics},
+    tls::config::handshake_failure_reason,
+};
+
+/// A local identity able to open tunnels.
+pub struct ClientIdentity {
+    pub id: SpiffeId,
+    pub config: Arc<ClientConfig>,
+    pub svid: watch::Receiver<Arc<Svid>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("cannot reach the peer's :15008: {0}")]
+    Connect(std::io::Error),
+    #[error("mTLS handshake with the peer failed ({0}): {1}")]
+    Handshake(&'static str, std::io::Error),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("the peer refused the CONNECT: {0}")]
+    Refused(http::StatusCode),
+}
+
+impl TunnelError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Connect(_) => "tunnel_connect_failed",
+            TunnelError::Handshake(..) => "tunnel_handshake_failed",
+            TunnelError::H2(_) => "tunnel_h2_error",
+            TunnelError::Refused(_) => "tunnel_refused",
+        }
+    }
+}
+
+struct Pooled {
+    send: SendRequest<Bytes>,
+    /// Serial of the client certificate the connection was made with.
+    serial: String,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+pub struct Pool {
+    slots: Mutex<HashMap<(SpiffeId, Ipv4Addr), Slot>>,
+    mark: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl Pool {
+    pub fn new(mark: u32, metrics: Arc<Metrics>) -> Pool {
+        Pool {
+            slots: Mutex::new(HashMap::new()),
+            mark,
+            metrics,
+        }
+    }
+
+    /// Opens a CONNECT stream to `target` through `node`'s :15008 as `who`.
+    pub async fn open(
+        &self,
+        who: &ClientIdentity,
+        node: Ipv4Addr,
+        target: SocketAddrV4,
+    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+        let slot = self.slot(&who.id, node);
+        let mut retried = false;
+        loop {
+            let send = self.checkout(&slot, who, node).await?;
+            match connect_stream(send, target).await {
+                // The pooled connection died (peer restarted, idle close): one fresh attempt.
+                Err(TunnelError::H2(e)) if !retried => {
+                    tracing::debug!(error = %e, %node, "pooled HBONE connection unusable; reconnecting");
+                    *slot.lock().await = None;
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn slot(&self, id: &SpiffeId, node: Ipv4Addr) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry((id.clone(), node)).or_default().clone()
+    }
+
+    /// The pooled connection, or a new one if there is none or its certificate rotated. The slot
+    /// stays locked while connecting, so concurrent first requests share one handshake.
+    async fn checkout(
+        &self,
+        slot: &Slot,
+        who: &ClientIdentity,
+        node: Ipv4Addr,
+    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        let mut pooled = slot.lock().await;
+        let serial = who.svid.borrow().serial.clone();
+        if let Some(p) = pooled.as_ref().filter(|p| p.serial == serial) {
+            return Ok(p.send.clone());
+        }
+        let send = self.connect(who, node).await?;
+        *pooled = Some(Pooled {
+            send: send.clone(),
+            serial,
+        });
+        Ok(send)
+    }
+
+    async fn connect(
+        &self,
+        who: &ClientIdentity,
+        node: Ipv4Addr,
+    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        let addr = SocketAddrV4::new(node, mesh_common::ports::INBOUND_HBONE);
+        let tcp = crate::proxy::dial(addr, self.mark, None)
+            .await
+            .map_err(TunnelError::Connect)?;
+        let connector = TlsConnector::from(who.config.clone());
+        let tls = match connector
+            .connect(ServerName::IpAddress(node.into()), tcp)
+            .await
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                let reason = handshake_failure_reason(&e);
+                self.metrics.handshake(Direction::Outbound, reason);
+                return Err(TunnelError::Handshake(reason, e));
+            }
+        };
+        self.metrics.handshake(Direction::Outbound, "ok");
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(tls)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %node, "HBONE connection ended");
+            }
+        });
+        Ok(send)
+    }
+}
+
+async fn connect_stream(
+    send: SendRequest<Bytes>,
+    target: SocketAddrV4,
+) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    let mut send = send.ready().await?;
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("an ip:port authority is a valid URI");
+    let (response, stream) = send.send_request(request, false)?;
+    let response = response.await?;
+    if response.status() != http::StatusCode::OK {
+        return Err(TunnelError::Refused(response.status()));
+    }
+    Ok((stream, response.into_body()))
+}
