@@ -189,7 +189,11 @@ fn chain_error(e: webpki::Error) -> VerifyError {
     match e {
         webpki::Error::CertExpired { .. } => VerifyError::Expired,
         webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
-        webpki::Error::UnknownIssuer => VerifyError::UnknownCa,
+        // A chain whose names match a root but whose signatures do not (another CA with the
+        // same subject) is as foreign as one whose names match nothing.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            VerifyError::UnknownCa
+        }
         webpki::Error::CertRevoked => VerifyError::Revoked("listed in a CRL".into()),
         other => VerifyError::Invalid(format!("{other:?}")),
     }
