@@ -25,6 +25,7 @@ pub struct Svid {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    pub issued_at: SystemTime,
     pub certified: Arc<CertifiedKey>,
     /// PEM forms, for tools and tests that need files.
     pub chain_pem: String,
@@ -41,13 +42,14 @@ impl std::fmt::Debug for Svid {
 }
 
 impl Svid {
-    /// When renewal is due: half-way through the lifetime.
+    /// When renewal is due: half-way from issuance to expiry (not from `not_before`, which is
+    /// back-dated for clock skew).
     pub fn renew_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued_at)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.issued_at + life / 2
     }
 }
 
@@ -90,6 +92,7 @@ pub fn mint_valid(
         serial: super::serial_hex(&serial),
         not_before,
         not_after,
+        issued_at: SystemTime::now(),
         certified: Arc::new(CertifiedKey::new(chain, signing)),
         chain_pem,
         key_pem: key.serialize_pem(),

@@ -187,6 +187,9 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(ServerVerifier { bundle, expected }))
         .with_client_cert_resolver(Arc::new(CurrentSvid(svid)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Every connection is a full handshake: a resumed session would carry the certificate
+    // (and revocation verdict) of the connection it resumes, not the current one.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -200,6 +203,8 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(ClientVerifier { bundle }))
         .with_cert_resolver(Arc::new(CurrentSvid(svid)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
