@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what a fresh machine lacks,
 //! `build` compiles the eBPF programs and meshd, `test` runs every test (what CI runs), `demo`
-//! is the README's main job.
+//! is the README's main job (`meshd doctor` and a two-node mesh on test hosts).
 
 mod cmd;
 mod setup;
@@ -27,8 +27,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run the main job: `meshd doctor` on this machine.
-    Demo,
+    /// Set up, build, and run the main job: `meshd doctor`, then a two-node mesh on test hosts.
+    Demo {
+        /// Interception mode for the demo's meshd instances.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,7 +43,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Build => build(),
         Task::Test { args } => test(&args),
-        Task::Demo => demo(),
+        Task::Demo { mode } => demo(&mode),
     }
 }
 
@@ -87,7 +91,20 @@ fn lint() -> Result<()> {
     cmd::status(ebpf)
 }
 
-fn demo() -> Result<()> {
-    build()?;
-    cmd::run("target/release/meshd", &["doctor"])
+fn demo(mode: &str) -> Result<()> {
+    setup::run()?;
+    cmd::run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "mesh-userspace",
+            "--package",
+            "mesh-tests",
+            "--bins",
+        ],
+    )?;
+    cmd::run("target/release/meshd", &["doctor"])?;
+    cmd::run("target/release/mesh-demo", &[mode])
 }
