@@ -261,3 +261,65 @@ mod tests {
         assert_eq!(serial_hex(&[0, 0x0a, 0xbc]), "0abc");
     }
 }
+
+#[cfg(test)]
+mod bundle_tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::identity::{ca, svid};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A root + node intermediate in a fresh temporary directory.
+    fn pki(name: &str) -> (std::path::PathBuf, ca::Issuer) {
+        let dir = std::env::temp_dir().join(format!("meshd-verify-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca::init(&dir, "cluster.local").unwrap();
+        ca::issue_node(&dir, "n", HOUR).unwrap();
+        let issuer = ca::Issuer::load(&dir.join("n.crt"), &dir.join("n.key")).unwrap();
+        (dir, issuer)
+    }
+
+    fn check(bundle: &TrustBundle, s: &svid::Svid) -> Result<PeerIdentity, VerifyError> {
+        let chain = s.certified.cert.clone();
+        let now = UnixTime::now();
+        bundle.verify(&chain[0], &chain[1..], now, KeyUsage::client_auth())
+    }
+
+    #[test]
+    fn two_roots_are_both_trusted_and_denied_serials_are_refused() {
+        let (old_dir, old) = pki("old");
+        let (new_dir, new) = pki("new");
+        let id = SpiffeId::new("cluster.local", "shop", "checkout").unwrap();
+        let (from_old, from_new) = (
+            svid::mint(&old, &id, HOUR).unwrap(),
+            svid::mint(&new, &id, HOUR).unwrap(),
+        );
+        let roots = [old_dir.join("root.crt"), new_dir.join("root.crt")];
+        let bundle = TrustBundle::load("cluster.local", &roots, &Revocation::default()).unwrap();
+        assert_eq!(check(&bundle, &from_old).unwrap().id, id);
+        assert_eq!(check(&bundle, &from_new).unwrap().serial, from_new.serial);
+
+        let deny = Revocation {
+            serials: vec![from_new.serial.to_uppercase()],
+            ..Revocation::default()
+        };
+        let bundle = TrustBundle::load("cluster.local", &roots, &deny).unwrap();
+        assert!(check(&bundle, &from_old).is_ok());
+        assert_eq!(check(&bundle, &from_new).unwrap_err().reason(), "revoked");
+
+        let only_old =
+            TrustBundle::load("cluster.local", &roots[..1], &Revocation::default()).unwrap();
+        assert_eq!(
+            check(&only_old, &from_new).unwrap_err().reason(),
+            "unknown_ca"
+        );
+        let now = SystemTime::now();
+        let expired = svid::mint_valid(&old, &id, now - 2 * HOUR, now - HOUR).unwrap();
+        assert_eq!(check(&only_old, &expired).unwrap_err().reason(), "expired");
+        for dir in [old_dir, new_dir] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
