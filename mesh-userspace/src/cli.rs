@@ -144,7 +144,8 @@ pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[Strin
     let cgroup_root = crate::sys::ensure_cgroup2()?;
     let cfg = crate::config::load(config, &cgroup_root)?;
     let mode = resolve_mode(choice, assume_missing)?;
-    tracing::info!(%mode, config = %config.display(), "starting");
+    let fds = crate::sys::raise_fd_limit()?;
+    tracing::info!(%mode, config = %config.display(), open_files = fds, "starting");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -114,6 +114,15 @@ fn ensure_mounted(fstype: &str, fallback: &Path) -> Result<PathBuf> {
     Ok(fallback.to_path_buf())
 }
 
+/// Raises the open-file soft limit to the hard limit: every proxied connection holds two
+/// sockets, and the default soft limit (1024) would cap meshd near 500 connections.
+pub fn raise_fd_limit() -> Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

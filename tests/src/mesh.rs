@@ -64,7 +64,16 @@ impl Meshd {
 }
 
 impl Drop for Meshd {
+    /// Stops meshd the way an operator would (SIGTERM), so it removes its own programs and
+    /// rules; a meshd that does not stop in time is killed by the process handle.
     fn drop(&mut self) {
+        if self
+            .process
+            .signal(nix::sys::signal::Signal::SIGTERM)
+            .is_ok()
+        {
+            let _ = self.process.wait_output(Duration::from_secs(10));
+        }
         let _ = std::fs::remove_file(&self.config);
     }
 }

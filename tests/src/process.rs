@@ -146,7 +146,11 @@ impl Process {
     }
 
     /// Sends a signal (SIGTERM for a graceful stop, SIGKILL to simulate a crash).
-    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+    /// A process that has already exited is not signalled: its pid may belong to another now.
+    pub fn signal(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
         let pid = nix::unistd::Pid::from_raw(self.pid());
         nix::sys::signal::kill(pid, signal).context("kill")
     }

@@ -20,6 +20,21 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "test hosts: network namespaces and veth links"),
     ("util-linux", "setpriv used by tests"),
     ("bpftool", "tests check which programs are attached"),
+    (
+        "tcpdump",
+        "the mesh test checks that no plaintext crosses the wire",
+    ),
+    (
+        "openssl",
+        "the TLS 1.2 client the HBONE listener must refuse",
+    ),
+    (
+        "python3",
+        "small helpers in tests (metrics fetch, port squatter)",
+    ),
+    ("nginx", "the benchmark's HTTP server"),
+    ("stunnel4", "the benchmark's stunnel mTLS pair"),
+    ("haproxy", "the benchmark's HAProxy mTLS pair"),
 ];
 
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.

@@ -1,14 +1,9 @@
 //! `--mode=iptables`: nat REDIRECT rules (the `iptables-fallback` crate) send outbound TCP to
 //! :15001 and inbound TCP for workload ports to :15006. The original destination comes from
-//! SO_ORIGINAL_DST; the sending workload from the socket's owner: the application's end of the
-//! connection in /proc/net/tcp gives a socket inode, and the process holding that inode among
-//! the workload cgroups' processes names the workload.
+//! SO_ORIGINAL_DST; the sending workload from the cgroup of the application's end of the
+//! connection, which sock_diag reports by 4-tuple (`sock_diag.rs`).
 
-use std::{
-    net::{SocketAddr, SocketAddrV4},
-    path::Path,
-    sync::Arc,
-};
+use std::{net::SocketAddrV4, path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
 use iptables_fallback::{Iptables, RuleSpec};
@@ -16,7 +11,9 @@ use mesh_common::{ports, DELIVERY_SOURCE_IP};
 use procfs::process::{FDTarget, Process};
 use tokio::net::TcpStream;
 
-use super::{orig_dst::original_dst, v4, Interception, Mode, Origin, OriginError, Workloads};
+use super::{
+    orig_dst::original_dst, sock_diag, v4, Interception, Mode, Origin, OriginError, Workloads,
+};
 use crate::config::{Validated, Workload};
 
 pub struct IptablesInterception {
@@ -56,18 +53,18 @@ pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
 }
 
 impl IptablesInterception {
-    /// The workload whose process owns the application end `app` -> `dst`.
+    /// The workload whose process owns the application end `app` -> `dst`: the socket's cgroup
+    /// from sock_diag, or on kernels that do not report it (before 5.7) the workload process
+    /// holding the socket's inode.
     fn owner(&self, app: SocketAddrV4, dst: SocketAddrV4) -> Option<Arc<Workload>> {
-        // Dual-stack sockets dialling v4-mapped addresses are listed in tcp6.
-        let mut table = procfs::net::tcp().unwrap_or_default();
-        table.extend(procfs::net::tcp6().unwrap_or_default());
-        let is = |a: SocketAddr, want: SocketAddrV4| v4(a).is_ok_and(|a| a == want);
-        let entry = table
-            .iter()
-            .find(|e| is(e.local_address, app) && is(e.remote_address, dst))?;
+        let found = sock_diag::owner(app, dst).ok().flatten()?;
+        if let Some(id) = found.cgroup_id {
+            return self.workloads.by_cgroup_id(id);
+        }
+        let inode = u64::from(found.inode);
         self.workloads
             .iter()
-            .find(|w| cgroup_holds_socket(&w.cgroup_path, entry.inode))
+            .find(|w| cgroup_holds_socket(&w.cgroup_path, inode))
             .cloned()
     }
 }
@@ -91,9 +88,7 @@ impl Interception for IptablesInterception {
     fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
         let peer = conn.peer_addr()?;
         let dst = original_dst(conn).map_err(|_| OriginError::NoRecord(peer))?;
-        let app = v4(peer)?;
-        // Reading /proc blocks: keep it off the async worker's run queue.
-        let workload = tokio::task::block_in_place(|| self.owner(app, dst));
+        let workload = self.owner(v4(peer)?, dst);
         Ok(Origin { dst, workload })
     }
 

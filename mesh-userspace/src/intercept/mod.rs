@@ -5,6 +5,7 @@
 pub mod ebpf;
 pub mod iptables;
 mod orig_dst;
+pub mod sock_diag;
 
 use std::{
     collections::HashMap,

@@ -1,0 +1,260 @@
+//! The paths a request can take from the client node to nginx on the server node, each brought
+//! up and torn down on the same test hosts: direct, meshd in either mode, and two mTLS proxy
+//! pairs with iptables REDIRECT (stunnel4 and HAProxy), all TLS 1.3 with the same P-256
+//! certificates from the mesh CA.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use meshd::identity::{ca::Issuer, svid, SpiffeId};
+use testhosts::{MeshCa, Meshd, Process, TestNet, WorkloadSpec};
+
+pub const NGINX_PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Direct,
+    MeshdIptables,
+    MeshdEbpf,
+    Stunnel,
+    Haproxy,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 5] = [
+        PathKind::Direct,
+        PathKind::MeshdIptables,
+        PathKind::MeshdEbpf,
+        PathKind::Stunnel,
+        PathKind::Haproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::MeshdIptables => "meshd-iptables",
+            PathKind::MeshdEbpf => "meshd-ebpf",
+            PathKind::Stunnel => "stunnel4-pair",
+            PathKind::Haproxy => "haproxy-pair",
+        }
+    }
+}
+
+/// A path that is up; dropping it tears it down.
+pub struct Running {
+    pub meshd: Vec<Meshd>,
+    pub processes: Vec<Process>,
+    redirect: Option<String>,
+    net_id: String,
+}
+
+impl Running {
+    /// meshd on the client node, if this path has one.
+    pub fn client_meshd(&self) -> Option<&Meshd> {
+        self.meshd.first()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(rule) = self.redirect.take() {
+            let ns = format!("{}-n0", self.net_id);
+            let mut args = vec![
+                "netns", "exec", &ns, "iptables", "-w", "5", "-t", "nat", "-D",
+            ];
+            args.extend(rule.split(' '));
+            let _ = std::process::Command::new("ip").args(&args).status();
+        }
+    }
+}
+
+pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Running> {
+    let mut running = Running {
+        meshd: Vec::new(),
+        processes: Vec::new(),
+        redirect: None,
+        net_id: net.id().to_string(),
+    };
+    match kind {
+        PathKind::Direct => {}
+        PathKind::MeshdIptables | PathKind::MeshdEbpf => {
+            let mode = if kind == PathKind::MeshdEbpf {
+                "ebpf"
+            } else {
+                "iptables"
+            };
+            let client = [WorkloadSpec {
+                name: "client",
+                ports: &[],
+            }];
+            let server = [WorkloadSpec {
+                name: "nginx",
+                ports: &[NGINX_PORT],
+            }];
+            running.meshd.push(net.start_meshd_with(
+                0,
+                mode,
+                &client,
+                &ca.config(0, "24h", &[]),
+            )?);
+            running.meshd.push(net.start_meshd_with(
+                1,
+                mode,
+                &server,
+                &ca.config(1, "24h", &[]),
+            )?);
+        }
+        PathKind::Stunnel => {
+            let certs = peer_certs(ca, dir)?;
+            running.processes.push(stunnel(net, 1, dir, &certs, false)?);
+            running.processes.push(stunnel(net, 0, dir, &certs, true)?);
+            running.redirect = Some(redirect(net, 15101)?);
+        }
+        PathKind::Haproxy => {
+            let certs = peer_certs(ca, dir)?;
+            running.processes.push(haproxy(net, 1, dir, &certs, false)?);
+            running.processes.push(haproxy(net, 0, dir, &certs, true)?);
+            running.redirect = Some(redirect(net, 15201)?);
+        }
+    }
+    Ok(running)
+}
+
+/// Sends the client node's connections to nginx into a local proxy port.
+fn redirect(net: &TestNet, to: u16) -> Result<String> {
+    let server = net.node(1).addr;
+    let rule =
+        format!("OUTPUT -p tcp -d {server}/32 --dport {NGINX_PORT} -j REDIRECT --to-ports {to}");
+    let mut argv = vec!["iptables", "-w", "5", "-t", "nat", "-A"];
+    argv.extend(rule.split(' '));
+    net.exec(0, &argv)?;
+    Ok(rule)
+}
+
+/// Client and server certificate files (chain + key, and HAProxy's combined PEM).
+pub struct PeerCerts {
+    pub root: String,
+}
+
+fn peer_certs(ca: &MeshCa, dir: &Path) -> Result<PeerCerts> {
+    for (node, role) in [(0, "client"), (1, "server")] {
+        let issuer = Issuer::load(
+            &ca.dir.join(format!("n{node}.crt")),
+            &ca.dir.join(format!("n{node}.key")),
+        )?;
+        let id = SpiffeId::new("cluster.local", "bench", role)?;
+        let s = svid::mint(&issuer, &id, Duration::from_secs(24 * 3600))?;
+        std::fs::write(dir.join(format!("{role}.crt")), &s.chain_pem)?;
+        std::fs::write(dir.join(format!("{role}.key")), &s.key_pem)?;
+        std::fs::write(
+            dir.join(format!("{role}.pem")),
+            format!("{}{}", s.chain_pem, s.key_pem),
+        )?;
+    }
+    Ok(PeerCerts {
+        root: ca.dir.join("root.crt").display().to_string(),
+    })
+}
+
+fn stunnel(
+    net: &TestNet,
+    node: usize,
+    dir: &Path,
+    certs: &PeerCerts,
+    client: bool,
+) -> Result<Process> {
+    let role = if client { "client" } else { "server" };
+    let server = net.node(1).addr;
+    let (accept, connect) = if client {
+        ("127.0.0.1:15101".to_string(), format!("{server}:15108"))
+    } else {
+        (
+            "0.0.0.0:15108".to_string(),
+            format!("127.0.0.1:{NGINX_PORT}"),
+        )
+    };
+    let d = dir.display();
+    let conf = format!(
+        "foreground = yes\npid =\nsyslog = no\n[{role}]\nclient = {}\naccept = {accept}\nconnect = {connect}\n\
+         cert = {d}/{role}.crt\nkey = {d}/{role}.key\nCAfile = {}\nverifyChain = yes\n\
+         sslVersionMin = TLSv1.3\n",
+        if client { "yes" } else { "no" },
+        certs.root
+    );
+    let path = dir.join(format!("stunnel-{role}.conf"));
+    std::fs::write(&path, conf)?;
+    let p = net.host_process(node, &["stunnel4", path.to_str().unwrap()])?;
+    wait_port(net, node, if client { 15101 } else { 15108 })?;
+    Ok(p)
+}
+
+fn haproxy(
+    net: &TestNet,
+    node: usize,
+    dir: &Path,
+    certs: &PeerCerts,
+    client: bool,
+) -> Result<Process> {
+    let d = dir.display();
+    let server = net.node(1).addr;
+    let tls = format!("ca-file {} verify required ssl-min-ver TLSv1.3", certs.root);
+    let (bind, target) = if client {
+        (
+            "127.0.0.1:15201".to_string(),
+            format!("{server}:15208 ssl crt {d}/client.pem {tls}"),
+        )
+    } else {
+        (
+            format!("0.0.0.0:15208 ssl crt {d}/server.pem {tls}"),
+            format!("127.0.0.1:{NGINX_PORT}"),
+        )
+    };
+    let conf = format!(
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  \
+         timeout server 120s\nfrontend f\n  bind {bind}\n  default_backend b\nbackend b\n  server s {target}\n"
+    );
+    let role = if client { "client" } else { "server" };
+    let path = dir.join(format!("haproxy-{role}.cfg"));
+    std::fs::write(&path, conf)?;
+    let p = net.host_process(node, &["haproxy", "-db", "-f", path.to_str().unwrap()])?;
+    wait_port(net, node, if client { 15201 } else { 15208 })?;
+    Ok(p)
+}
+
+/// nginx on the server node, in the `nginx` workload cgroup: `/` is a small fixed response,
+/// `/bulk` a 256 MiB file.
+pub fn nginx(net: &TestNet, dir: &Path) -> Result<Process> {
+    let bulk = dir.join("bulk.bin");
+    std::fs::File::create(&bulk)?.set_len(256 << 20)?;
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+    let conf = format!(
+        "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+         worker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300;\n  \
+         client_body_temp_path {d}/nginx-tmp;\n  proxy_temp_path {d}/nginx-tmp;\n  fastcgi_temp_path {d}/nginx-tmp;\n  \
+         uwsgi_temp_path {d}/nginx-tmp;\n  scgi_temp_path {d}/nginx-tmp;\n  sendfile on;\n  \
+         server {{\n    listen {NGINX_PORT};\n    location = / {{ return 200 \"hello from nginx\\n\"; }}\n    \
+         location = /bulk {{ alias {d}/bulk.bin; }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let p = net.workload(1, "nginx", &["nginx", "-c", path.to_str().unwrap()])?;
+    wait_port(net, 1, NGINX_PORT).context("nginx did not start")?;
+    Ok(p)
+}
+
+/// Waits until something listens on `port` in `node`.
+fn wait_port(net: &TestNet, node: usize, port: u16) -> Result<()> {
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while net.exec(node, &["bash", "-c", &probe]).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on :{port} in node {node}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
