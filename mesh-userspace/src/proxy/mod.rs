@@ -67,6 +67,8 @@ where
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
+                // Small writes (requests, responses) must leave at once, not wait for an ACK.
+                let _ = conn.set_nodelay(true);
                 tokio::spawn(handle(conn, ctx.clone()));
             }
             Err(e) => {
@@ -178,7 +180,6 @@ pub async fn relay_plaintext(
             return;
         }
     };
-    let _ = app.set_nodelay(true);
     access.src = access.src.or(app.peer_addr().ok());
     let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
     access.finish(ctx, result);

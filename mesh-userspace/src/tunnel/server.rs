@@ -36,6 +36,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConf
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
                 tokio::spawn(connection(tcp, peer, ctx.clone(), acceptor.clone()));
             }
             Err(e) => {
