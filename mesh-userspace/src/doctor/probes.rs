@@ -8,10 +8,7 @@ use iptables_fallback::Backend;
 use mesh_common::names;
 
 use super::{Check, Outcome, BOTH, EBPF, INFO, IPTABLES};
-use crate::{
-    intercept::{Mode, EBPF_OBJECT},
-    sys,
-};
+use crate::{intercept::Mode, sys};
 
 pub struct Probe {
     pub id: &'static str,
@@ -164,7 +161,7 @@ fn btf() -> Outcome {
 
 /// Loads meshd's own programs through the verifier, one check each.
 fn programs() -> Vec<(&'static str, Outcome)> {
-    let mut bpf = match aya::Ebpf::load(EBPF_OBJECT) {
+    let mut bpf = match crate::intercept::load_object() {
         Ok(bpf) => bpf,
         Err(e) => {
             let why = format!("loading meshd's eBPF object failed: {}", error_chain(&e));

@@ -24,7 +24,7 @@ use aya::{
 use mesh_common::{counters, names, ports, MeshConfig, OrigDst, SockKey};
 use tokio::net::TcpStream;
 
-use super::{v4, Interception, Mode, Origin, OriginError, Workloads, EBPF_OBJECT};
+use super::{v4, Interception, Mode, Origin, OriginError, Workloads};
 use crate::config::Validated;
 
 pub struct EbpfInterception {
@@ -52,7 +52,7 @@ pub fn install(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfI
 fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
     let pin_dir = cfg.proxy.pin_dir.clone();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {}", pin_dir.display()))?;
-    let mut bpf = Ebpf::load(EBPF_OBJECT).context("load meshd's eBPF object")?;
+    let mut bpf = super::load_object().context("load meshd's eBPF object")?;
     fill_settings(&mut bpf, cfg, inbound_listener)?;
     let mut links = Vec::new();
     let mut pin = |link: FdLink, name: String| -> Result<()> {

@@ -22,6 +22,12 @@ use crate::config::Workload;
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
 
+/// Loads meshd's eBPF object. Without kernel BTF: the programs use no CO-RE relocations, and
+/// parsing /sys/kernel/btf/vmlinux costs megabytes of resident memory for nothing.
+pub fn load_object() -> Result<aya::Ebpf, aya::EbpfError> {
+    aya::EbpfLoader::new().btf(None).load(EBPF_OBJECT)
+}
+
 /// How connections are steered into meshd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
