@@ -21,11 +21,18 @@ enum Task {
     Setup,
     /// Build the eBPF object and meshd (release) with the object embedded.
     Build,
-    /// Set up, check formatting and lints, build, then run every test, privileged ones too.
+    /// Set up, check formatting and lints, build, run every test (privileged ones too), then
+    /// the benchmark's short mode.
     Test {
         /// Passed to the test binaries, e.g. a test-name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The mode-comparison benchmark (direct, meshd iptables/ebpf, stunnel4 and HAProxy pairs).
+    Bench {
+        /// A few seconds per path: keeps the benchmark working (CI runs this).
+        #[arg(long)]
+        short: bool,
     },
     /// Set up, build, and run the main job: `meshd doctor`, then a two-node mesh on test hosts.
     Demo {
@@ -44,6 +51,7 @@ fn main() -> Result<()> {
         Task::Build => build(),
         Task::Test { args } => test(&args),
         Task::Demo { mode } => demo(&mode),
+        Task::Bench { short } => bench(short),
     }
 }
 
@@ -64,7 +72,12 @@ fn test(args: &[String]) -> Result<()> {
     cmd::run("cargo", &["build", "--package", "mesh-userspace"])?;
     let mut test_args = vec!["test", "--", "--nocapture"];
     test_args.extend(args.iter().map(String::as_str));
-    cmd::run("cargo", &test_args)
+    cmd::run("cargo", &test_args)?;
+    if args.is_empty() {
+        // Keeps the benchmark working: a few seconds per path.
+        bench(true)?;
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
@@ -92,19 +105,51 @@ fn lint() -> Result<()> {
 }
 
 fn demo(mode: &str) -> Result<()> {
-    setup::run()?;
-    cmd::run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--package",
-            "mesh-userspace",
-            "--package",
-            "mesh-tests",
-            "--bins",
-        ],
-    )?;
+    build_release_bins()?;
     cmd::run("target/release/meshd", &["doctor"])?;
     cmd::run("target/release/mesh-demo", &[mode])
+}
+
+/// Setup, then release builds of meshd, the test-host tools and the benchmark binaries.
+fn build_release_bins() -> Result<()> {
+    setup::run()?;
+    let packages = ["mesh-userspace", "mesh-tests", "mesh-benches"];
+    let mut args = vec!["build", "--release", "--bins"];
+    for p in packages {
+        args.extend(["--package", p]);
+    }
+    cmd::run("cargo", &args)
+}
+
+/// Runs the benchmark; a full run also refreshes the copy in README.md.
+fn bench(short: bool) -> Result<()> {
+    build_release_bins()?;
+    let out = if short { "target/bench-short" } else { "bench" };
+    let mut args = vec!["--out", out];
+    if short {
+        args.push("--short");
+    }
+    cmd::run("target/release/mesh-bench", &args)?;
+    if !short {
+        readme_table(&std::fs::read_to_string("bench/results.md")?)?;
+    }
+    Ok(())
+}
+
+/// Replaces the README's benchmark section (between its markers) with `table`.
+fn readme_table(table: &str) -> Result<()> {
+    const BEGIN: &str = "<!-- bench:begin -->";
+    const END: &str = "<!-- bench:end -->";
+    let readme = std::fs::read_to_string("README.md")?;
+    let (Some(a), Some(b)) = (readme.find(BEGIN), readme.find(END)) else {
+        anyhow::bail!("README.md lacks the {BEGIN} / {END} markers");
+    };
+    let updated = format!(
+        "{}{BEGIN}\n{table}\n![latency and throughput per path](bench/results.svg)\n{}",
+        &readme[..a],
+        &readme[b..]
+    );
+    std::fs::write("README.md", updated)?;
+    println!("xtask: README.md benchmark section updated");
+    Ok(())
 }
