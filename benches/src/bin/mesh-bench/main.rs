@@ -5,7 +5,7 @@
 //! table and an SVG plot to the output directory, and meshd's RSS idle and with 1,000 open
 //! connections.
 //!
-//! mesh-bench [--short] [--out DIR]
+//! mesh-bench [--short] [--out DIR] [--only PATH-OR-SCENARIO ...]
 
 mod paths;
 mod report;
@@ -19,6 +19,8 @@ use serde_json::Value;
 use testhosts::{privileges, sibling_binary, MeshCa, TestNet};
 
 struct Plan {
+    /// `--only NAME` (repeatable): run only these paths and scenarios.
+    only: Vec<String>,
     rounds: usize,
     warmup: u64,
     closed: u64,
@@ -27,12 +29,31 @@ struct Plan {
     bulk: u64,
 }
 
+const SCENARIOS: [&str; 4] = ["keep-alive", "conn-per-request", "open-1000rps", "bulk"];
+
+impl Plan {
+    /// Whether `name`, one of `all` (the paths, or the scenarios), is to run: yes unless
+    /// `--only` names some of `all` and not this one.
+    fn wants(&self, name: &str, all: &[&str]) -> bool {
+        let named: Vec<&String> = self
+            .only
+            .iter()
+            .filter(|o| all.contains(&o.as_str()))
+            .collect();
+        named.is_empty() || named.iter().any(|o| *o == name)
+    }
+}
+
 fn main() -> Result<()> {
     privileges()
         .map_err(anyhow::Error::msg)
         .context("the benchmark creates test hosts")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let short = args.iter().any(|a| a == "--short");
+    let only: Vec<String> = (args.windows(2))
+        .filter(|w| w[0] == "--only")
+        .map(|w| w[1].clone())
+        .collect();
     let out = args
         .iter()
         .position(|a| a == "--out")
@@ -40,6 +61,7 @@ fn main() -> Result<()> {
         .map_or_else(|| PathBuf::from("bench"), PathBuf::from);
     let plan = if short {
         Plan {
+            only: only.clone(),
             rounds: 1,
             warmup: 1,
             closed: 2,
@@ -49,6 +71,7 @@ fn main() -> Result<()> {
         }
     } else {
         Plan {
+            only,
             rounds: 2,
             warmup: 2,
             closed: 10,
@@ -97,7 +120,10 @@ fn run(
     let mut records = Vec::new();
     let mut rss = Rss::default();
     for round in 0..plan.rounds {
-        for kind in PathKind::ALL {
+        for kind in PathKind::ALL
+            .into_iter()
+            .filter(|k| plan.wants(k.name(), &PathKind::ALL.map(PathKind::name)))
+        {
             eprintln!("mesh-bench: round {round}, path {}", kind.name());
             let mut running = paths::up(kind, net, ca, dir)
                 .with_context(|| format!("bring up {}", kind.name()))?;
@@ -142,7 +168,10 @@ fn run(
                     vec!["bulk".into(), target.clone(), plan.bulk.to_string()],
                 ),
             ];
-            for (scenario, argv) in scenarios {
+            for (scenario, argv) in scenarios
+                .into_iter()
+                .filter(|(s, _)| plan.wants(s, &SCENARIOS))
+            {
                 let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
                 // A path that breaks under a scenario is a result, not a reason to stop.
                 let value = loadgen(net, &argv).unwrap_or_else(|e| {
