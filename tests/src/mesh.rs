@@ -79,6 +79,26 @@ impl Drop for Meshd {
 }
 
 impl TestNet {
+    /// An echo server (testhosts-tool) listening on `listen` in `node`, in the workload cgroup
+    /// `workload` (or the node's host cgroup), once it is ready.
+    pub fn echo_server(
+        &self,
+        node: usize,
+        workload: Option<&str>,
+        listen: &str,
+    ) -> Result<Process> {
+        let tool = crate::sibling_binary("testhosts-tool")
+            .display()
+            .to_string();
+        let argv = [tool.as_str(), "echo-server", listen];
+        let mut server = match workload {
+            Some(name) => self.workload(node, name, &argv)?,
+            None => self.host_process(node, &argv)?,
+        };
+        server.expect_line("ready", Duration::from_secs(30))?;
+        Ok(server)
+    }
+
     /// The config meshd would get for these workloads on `node` (cgroups are created).
     pub fn meshd_config(
         &self,

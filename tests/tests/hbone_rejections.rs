@@ -63,10 +63,7 @@ fn every_bad_peer_is_refused_with_its_own_reason_and_meshd_keeps_serving() {
     let net = TestNet::new(2).unwrap();
     let ca_files = MeshCa::new(&net).unwrap();
     let tool = sibling_binary("testhosts-tool").display().to_string();
-    let mut server = net
-        .workload(0, "orders", &[&tool, "echo-server", "0.0.0.0:7000"])
-        .unwrap();
-    server.expect_line("ready", WAIT).unwrap();
+    let _server = net.echo_server(0, Some("orders"), "0.0.0.0:7000").unwrap();
     let spec = [WorkloadSpec {
         name: "orders",
         ports: &[7000],

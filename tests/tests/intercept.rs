@@ -39,14 +39,7 @@ fn run_client(
 }
 
 fn echo_server(net: &TestNet, node: usize, workload: Option<&str>) -> testhosts::Process {
-    let tool = tool();
-    let argv = [tool.as_str(), "echo-server", "0.0.0.0:7000"];
-    let mut server = match workload {
-        Some(name) => net.workload(node, name, &argv).unwrap(),
-        None => net.host_process(node, &argv).unwrap(),
-    };
-    server.expect_line("ready", WAIT).unwrap();
-    server
+    net.echo_server(node, workload, "0.0.0.0:7000").unwrap()
 }
 
 fn checkout(net: &TestNet, mode: &str) -> Meshd {

@@ -94,10 +94,7 @@ fn workloads_talk_through_mtls_and_nothing_readable_crosses_the_wire() {
         let net = TestNet::new(3).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         let tool = tool();
-        let mut server = net
-            .workload(1, "orders", &[&tool, "echo-server", "0.0.0.0:7000"])
-            .unwrap();
-        server.expect_line("ready", WAIT).unwrap();
+        let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
         let target = format!("{}:7000", net.node(1).addr);
         let pcap = std::env::temp_dir().join(format!("{}.pcap", net.id()));
         let send = [tool.as_str(), "client", &target, "5000", "1", MARKER];

@@ -14,10 +14,7 @@ fn certificates_rotate_under_load_without_a_failed_request() {
     let net = TestNet::new(2).unwrap();
     let ca = MeshCa::new(&net).unwrap();
     let tool = sibling_binary("testhosts-tool").display().to_string();
-    let mut server = net
-        .workload(1, "orders", &[&tool, "echo-server", "0.0.0.0:7000"])
-        .unwrap();
-    server.expect_line("ready", WAIT).unwrap();
+    let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
     let client = [WorkloadSpec {
         name: "checkout",
         ports: &[],

@@ -20,8 +20,7 @@ fn main() -> Result<()> {
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let (a, b, c) = (net.node(0).addr, net.node(1).addr, net.node(2).addr);
     println!("== test nodes: n0 {a} (workload checkout), n1 {b} (workload orders :7000), n2 {c} (outside the mesh)");
-    let mut server = net.workload(1, "orders", &[&tool, "echo-server", "0.0.0.0:7000"])?;
-    server.expect_line("ready", WAIT)?;
+    let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000")?;
     let client = [WorkloadSpec {
         name: "checkout",
         ports: &[],
