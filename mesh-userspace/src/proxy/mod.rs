@@ -84,6 +84,10 @@ pub async fn dial(dst: SocketAddrV4, mark: u32, source: Option<Ipv4Addr>) -> io:
     let sock = TcpSocket::new_v4()?;
     socket2::SockRef::from(&sock).set_mark(mark)?;
     if let Some(ip) = source {
+        // Choose the port at connect(), where only the full 4-tuple must be unique: bind(ip, 0)
+        // alone wants a port no socket of that address holds, TIME_WAIT included, and under
+        // connection-per-request load slowed deliveries to ~130 connections/s.
+        bind_address_no_port(&sock)?;
         sock.bind(SocketAddr::new(ip.into(), 0))?;
     }
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst.into()))
@@ -91,6 +95,25 @@ pub async fn dial(dst: SocketAddrV4, mark: u32, source: Option<Ipv4Addr>) -> io:
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+fn bind_address_no_port(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int for the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Closes an application connection with a reset, as if its own dial had failed.
