@@ -146,7 +146,15 @@ pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[Strin
     let mode = resolve_mode(choice, assume_missing)?;
     let fds = crate::sys::raise_fd_limit()?;
     tracing::info!(%mode, config = %config.display(), open_files = fds, "starting");
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = match cfg.proxy.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    runtime
         .enable_all()
         .build()?
         .block_on(crate::app::run(mode, cfg))
