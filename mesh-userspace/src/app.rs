@@ -42,6 +42,10 @@ fn listen(ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
 }
 
 pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
+    match crate::sys::reserve_ports(&ports::ALL) {
+        Ok(list) => tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reserve meshd's ports"),
+    }
     let outbound_listener = listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?;
     let inbound_listener = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
     let metrics_listener = listen(Ipv4Addr::UNSPECIFIED, ports::METRICS)?;

@@ -123,6 +123,42 @@ pub fn raise_fd_limit() -> Result<u64> {
     Ok(hard)
 }
 
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Adds `ports` to this network namespace's reserved ports, so no outgoing connection takes one
+/// of meshd's listening ports as its ephemeral port (seen under connection-per-request load,
+/// where meshd then could not start: "address in use"). Keeps what was reserved already.
+pub fn reserve_ports(ports: &[u16]) -> Result<String> {
+    let current = fs::read_to_string(RESERVED_PORTS).context("read ip_local_reserved_ports")?;
+    let merged = merge_port_list(current.trim(), ports);
+    fs::write(RESERVED_PORTS, &merged).context("write ip_local_reserved_ports")?;
+    Ok(merged)
+}
+
+/// `current` (a sysctl port list like "22,8000-8100") with `ports` added.
+fn merge_port_list(current: &str, ports: &[u16]) -> String {
+    let mut items: Vec<String> = current
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let covered = |p: u16, items: &[String]| {
+        items.iter().any(|item| match item.split_once('-') {
+            Some((a, b)) => {
+                a.parse::<u16>().is_ok_and(|a| a <= p) && b.parse::<u16>().is_ok_and(|b| p <= b)
+            }
+            None => item.parse::<u16>() == Ok(p),
+        })
+    };
+    for p in ports {
+        if !covered(*p, &items) {
+            items.push(p.to_string());
+        }
+    }
+    items.join(",")
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -154,6 +190,16 @@ mod tests {
         assert_eq!(m[0].fstype, "cgroup2");
         assert_eq!(m[1].mount_point, PathBuf::from("/mnt/with space"));
         assert_eq!(m[1].fstype, "bpf");
+    }
+
+    #[test]
+    fn reserved_ports_are_merged_without_duplicates() {
+        assert_eq!(merge_port_list("", &[15001, 15006]), "15001,15006");
+        assert_eq!(
+            merge_port_list("22,15000-15010", &[15001, 15020]),
+            "22,15000-15010,15020"
+        );
+        assert_eq!(merge_port_list("15020", &[15020]), "15020");
     }
 
     #[test]

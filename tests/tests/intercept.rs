@@ -95,6 +95,9 @@ fn outbound_bytes_arrive_intact_through_meshd_in_both_modes() {
             "meshd_connections_total{{direction=\"outbound\",mode=\"{mode}\",transport=\"plaintext\"}} 67"
         );
         assert!(metrics.contains(&counter), "{mode}: {metrics}");
+        // meshd's ports are kept out of the node's ephemeral range.
+        let reserved = net.exec(0, &["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+        assert!(reserved.unwrap().contains("15001"), "{mode}");
         if mode == "ebpf" {
             let fill = "meshd_bpf_map_entries{map=\"ORIG_DST_BY_TUPLE\"}";
             assert!(
