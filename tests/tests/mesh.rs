@@ -153,6 +153,19 @@ fn workloads_talk_through_mtls_and_nothing_readable_crosses_the_wire() {
         let (c, h) = (metric(&a, &net, 0, conns), metric(&a, &net, 0, handshakes));
         assert!(c >= 52 && h == 1, "{mode}: {c} connections, {h} handshakes");
 
+        // A CONNECT the peer refuses (no workload serves :7999 there) resets the application.
+        let refused_port = format!("{}:7999", net.node(1).addr);
+        let (ok, out) = run(
+            &net,
+            0,
+            Some("checkout"),
+            &[&tool, "client", &refused_port, "10", "1"],
+        );
+        assert!(!ok, "{mode}: a refused tunnel looked like a success: {out}");
+        let tunnel_refused =
+            r#"meshd_connections_rejected_total{direction="outbound",reason="tunnel_refused"}"#;
+        assert!(metric(&a, &net, 0, tunnel_refused) >= 1, "{mode}");
+
         // STRICT: plaintext to the workload port around the mesh is refused at :15006.
         let (ok, out) = run(&net, 2, None, &[&tool, "client", &target, "10", "1"]);
         assert!(!ok, "{mode}: plaintext reached a STRICT workload: {out}");

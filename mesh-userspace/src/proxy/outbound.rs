@@ -8,7 +8,12 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::{is_local, labels, relay_plaintext, reset, Access, Context};
-use crate::{config::Egress, intercept::Origin, metrics::Direction, tunnel};
+use crate::{
+    config::Egress,
+    intercept::Origin,
+    metrics::Direction,
+    tunnel::{self, pool::TunnelError},
+};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
     let origin = match ctx.interception.outbound_origin(&app) {
@@ -66,20 +71,27 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context) {
         app.peer_addr().ok(),
     );
     access.workload = origin.workload.clone();
-    match tunnels
+    let opened = tunnels
         .pool
         .open(client, *origin.dst.ip(), origin.dst)
-        .await
-    {
-        Ok((send, recv)) => {
-            let result = tunnel::bridge(&mut app, send, recv).await;
-            access.finish(ctx, result);
+        .await;
+    let result = match opened {
+        Ok((send, response)) => {
+            tunnel::bridge(&mut app, send, tunnel::pool::response_body(response)).await
         }
-        Err(e) => {
-            ctx.metrics.reject(Direction::Outbound, e.reason());
-            tracing::warn!(dst = %origin.dst, error = %e, "tunnel failed; resetting the application's connection");
-            reset(&app);
-            access.finish(ctx, Err(std::io::Error::other(e)));
-        }
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    if let Err(e) = &result {
+        // A broken tunnel resets the application: a clean FIN could pass a truncated response
+        // off as complete.
+        let tunnel_error = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<TunnelError>());
+        let reason = tunnel_error.map_or("tunnel_stream_error", TunnelError::reason);
+        ctx.metrics.reject(Direction::Outbound, reason);
+        tracing::warn!(dst = %origin.dst, error = %e, reason,
+            "tunnel failed; resetting the application's connection");
+        reset(&app);
     }
+    access.finish(ctx, result);
 }

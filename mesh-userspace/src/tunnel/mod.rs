@@ -36,15 +36,20 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// Copies `tcp` <-> (`send`, `recv`) until both directions end; returns bytes (tcp->stream,
-/// stream->tcp).
+/// Copies `tcp` <-> (`send`, the stream `recv` resolves to) until both directions end;
+/// returns bytes (tcp->stream, stream->tcp). `recv` may still be pending (the client side
+/// sends before the peer's 200 arrives); if it fails, so does the bridge.
 pub async fn bridge(
     tcp: &mut TcpStream,
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: impl std::future::Future<Output = io::Result<RecvStream>>,
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.split();
-    tokio::try_join!(to_stream(&mut rd, send), from_stream(recv, &mut wr))
+    let from_peer = async {
+        let recv = recv.await?;
+        from_stream(recv, &mut wr).await
+    };
+    tokio::try_join!(to_stream(&mut rd, send), from_peer)
 }
 
 async fn to_stream(

@@ -11,7 +11,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{client::SendRequest, RecvStream, SendStream};
+use h2::{
+    client::{ResponseFuture, SendRequest},
+    RecvStream, SendStream,
+};
 use rustls::{pki_types::ServerName, ClientConfig};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -82,7 +85,7 @@ impl Pool {
         who: &ClientIdentity,
         node: Ipv4Addr,
         target: SocketAddrV4,
-    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+    ) -> Result<(SendStream<Bytes>, ResponseFuture), TunnelError> {
         let slot = self.slot(&who.id, node);
         let mut retried = false;
         loop {
@@ -162,10 +165,13 @@ impl Pool {
     }
 }
 
+/// Sends the CONNECT and returns at once: the application's bytes may follow the HEADERS
+/// without waiting a round trip for the 200 (they travel inside the mTLS connection either way;
+/// a refused stream's bytes are discarded by the peer). See [`response_body`].
 async fn connect_stream(
     send: SendRequest<Bytes>,
     target: SocketAddrV4,
-) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+) -> Result<(SendStream<Bytes>, ResponseFuture), TunnelError> {
     let mut send = send.ready().await?;
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
@@ -173,9 +179,19 @@ async fn connect_stream(
         .body(())
         .expect("an ip:port authority is a valid URI");
     let (response, stream) = send.send_request(request, false)?;
-    let response = response.await?;
+    Ok((stream, response))
+}
+
+/// The peer's answer to a CONNECT: its body stream on 200, else the refusal as an I/O error
+/// carrying the [`TunnelError`].
+pub async fn response_body(response: ResponseFuture) -> std::io::Result<RecvStream> {
+    let response = response
+        .await
+        .map_err(|e| std::io::Error::other(TunnelError::H2(e)))?;
     if response.status() != http::StatusCode::OK {
-        return Err(TunnelError::Refused(response.status()));
+        return Err(std::io::Error::other(TunnelError::Refused(
+            response.status(),
+        )));
     }
-    Ok((stream, response.into_body()))
+    Ok(response.into_body())
 }

@@ -194,9 +194,13 @@ async fn stream_task(
         .body(())
         .expect("static response");
     let result = match respond.send_response(response, false) {
-        Ok(send) => bridge(&mut upstream, send, request.into_body())
-            .await
-            .map(|(to_peer, to_workload)| (to_workload, to_peer)),
+        Ok(send) => bridge(
+            &mut upstream,
+            send,
+            std::future::ready(Ok(request.into_body())),
+        )
+        .await
+        .map(|(to_peer, to_workload)| (to_workload, to_peer)),
         Err(e) => Err(std::io::Error::other(e)),
     };
     access.finish(&ctx, result);
