@@ -14,7 +14,7 @@ mod net;
 mod process;
 
 pub use footprint::Footprint;
-pub use mesh::{MeshCa, Meshd, WorkloadSpec};
+pub use mesh::{start_checkout_orders, MeshCa, Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};
 pub use process::{HostProcess, Process, Workload};
 

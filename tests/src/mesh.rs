@@ -169,6 +169,27 @@ impl TestNet {
     }
 }
 
+/// The standard two-node mesh of the tests and the demo: meshd on node 0 for workload
+/// `checkout` (a client) and on node 1 for workload `orders` serving :7000, SVIDs living `ttl`.
+pub fn start_checkout_orders(
+    net: &TestNet,
+    ca: &MeshCa,
+    mode: &str,
+    ttl: &str,
+) -> Result<(Meshd, Meshd)> {
+    let client = [WorkloadSpec {
+        name: "checkout",
+        ports: &[],
+    }];
+    let server = [WorkloadSpec {
+        name: "orders",
+        ports: &[7000],
+    }];
+    let a = net.start_meshd_with(0, mode, &client, &ca.config(0, ttl, &[]))?;
+    let b = net.start_meshd_with(1, mode, &server, &ca.config(1, ttl, &[]))?;
+    Ok((a, b))
+}
+
 /// A mesh CA for a test net: a root and one node intermediate per node, made with `meshd ca`,
 /// in a directory removed on drop.
 pub struct MeshCa {

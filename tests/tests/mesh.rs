@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use nix::sys::signal::Signal;
 use testhosts::{
-    require_privileges, sibling_binary, MeshCa, Meshd, Process, TestNet, WorkloadSpec,
+    require_privileges, sibling_binary, start_checkout_orders, MeshCa, Meshd, Process, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -59,24 +59,6 @@ fn run(net: &TestNet, node: usize, workload: Option<&str>, argv: &[&str]) -> (bo
     (status.success(), out)
 }
 
-fn start_mesh(net: &TestNet, ca: &MeshCa, mode: &str, ttl: &str) -> (Meshd, Meshd) {
-    let client = [WorkloadSpec {
-        name: "checkout",
-        ports: &[],
-    }];
-    let server = [WorkloadSpec {
-        name: "orders",
-        ports: &[7000],
-    }];
-    let a = net
-        .start_meshd_with(0, mode, &client, &ca.config(0, ttl, &[]))
-        .unwrap();
-    let b = net
-        .start_meshd_with(1, mode, &server, &ca.config(1, ttl, &[]))
-        .unwrap();
-    (a, b)
-}
-
 fn metric(meshd: &Meshd, net: &TestNet, node: usize, series: &str) -> u64 {
     let text = meshd.metrics(net, node).unwrap();
     text.lines()
@@ -108,7 +90,7 @@ fn workloads_talk_through_mtls_and_nothing_readable_crosses_the_wire() {
             "{mode}: control capture misses the marker"
         );
 
-        let (mut a, mut b) = start_mesh(&net, &ca, mode, "24h");
+        let (mut a, mut b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
         let tcpdump = capture(&net, &pcap);
         let (ok, out) = run(&net, 0, Some("checkout"), &send);
         assert!(ok, "{mode}: {out}");

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use testhosts::{require_privileges, sibling_binary, MeshCa, TestNet, WorkloadSpec};
+use testhosts::{require_privileges, sibling_binary, start_checkout_orders, MeshCa, TestNet};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -15,20 +15,7 @@ fn certificates_rotate_under_load_without_a_failed_request() {
     let ca = MeshCa::new(&net).unwrap();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-    let client = [WorkloadSpec {
-        name: "checkout",
-        ports: &[],
-    }];
-    let serving = [WorkloadSpec {
-        name: "orders",
-        ports: &[7000],
-    }];
-    let mut a = net
-        .start_meshd_with(0, "ebpf", &client, &ca.config(0, "4s", &[]))
-        .unwrap();
-    let mut b = net
-        .start_meshd_with(1, "ebpf", &serving, &ca.config(1, "4s", &[]))
-        .unwrap();
+    let (mut a, mut b) = start_checkout_orders(&net, &ca, "ebpf", "4s").unwrap();
     let target = format!("{}:7000", net.node(1).addr);
 
     let mut load = net

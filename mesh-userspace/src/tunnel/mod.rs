@@ -49,8 +49,27 @@ pub async fn bridge(
         let recv = recv.await?;
         from_stream(recv, &mut wr).await
     };
-    tokio::try_join!(to_stream(&mut rd, send), from_peer)
+    let up = to_stream(&mut rd, send);
+    tokio::pin!(up, from_peer);
+    tokio::select! {
+        sent = &mut up => match sent {
+            Ok(sent) => Ok((sent, from_peer.await?)),
+            // A stream the peer refused is reset right after its answer: report the answer
+            // (it comes first on the connection), not the reset.
+            Err(e) => match tokio::time::timeout(PEER_VERDICT_GRACE, &mut from_peer).await {
+                Ok(Err(verdict)) => Err(verdict),
+                _ => Err(e),
+            },
+        },
+        received = &mut from_peer => {
+            let received = received?;
+            Ok((up.await?, received))
+        }
+    }
 }
+
+/// How long a failed send waits for the peer's own account of the failure.
+const PEER_VERDICT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn to_stream(
     rd: &mut (impl AsyncRead + Unpin),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use testhosts::{privileges, sibling_binary, MeshCa, Meshd, TestNet, WorkloadSpec};
+use testhosts::{privileges, sibling_binary, start_checkout_orders, MeshCa, Meshd, TestNet};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -21,16 +21,7 @@ fn main() -> Result<()> {
     let (a, b, c) = (net.node(0).addr, net.node(1).addr, net.node(2).addr);
     println!("== test nodes: n0 {a} (workload checkout), n1 {b} (workload orders :7000), n2 {c} (outside the mesh)");
     let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000")?;
-    let client = [WorkloadSpec {
-        name: "checkout",
-        ports: &[],
-    }];
-    let serving = [WorkloadSpec {
-        name: "orders",
-        ports: &[7000],
-    }];
-    let mut m0 = net.start_meshd_with(0, &mode, &client, &ca.config(0, "24h", &[]))?;
-    let mut m1 = net.start_meshd_with(1, &mode, &serving, &ca.config(1, "24h", &[]))?;
+    let (mut m0, mut m1) = start_checkout_orders(&net, &ca, &mode, "24h")?;
     let picked = m0
         .process
         .output_so_far()
