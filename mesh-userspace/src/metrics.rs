@@ -37,7 +37,7 @@ impl EncodeLabelValue for Direction {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
     pub direction: Direction,
-    pub mode: String,
+    pub mode: &'static str,
     /// `hbone` (mTLS tunnel) or `plaintext`.
     pub transport: &'static str,
 }

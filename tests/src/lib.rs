@@ -16,7 +16,7 @@ mod process;
 pub use footprint::Footprint;
 pub use mesh::{start_checkout_orders, MeshCa, Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};
-pub use process::{HostProcess, Process, Workload};
+pub use process::Process;
 
 use std::path::PathBuf;
 

@@ -28,11 +28,6 @@ pub struct Process {
     pub argv: Vec<String>,
 }
 
-/// A process started as a workload (in its own cgroup).
-pub type Workload = Process;
-/// A process started in a node's non-workload `host` cgroup.
-pub type HostProcess = Process;
-
 impl Process {
     pub(crate) fn spawn(node: &TestNode, cgroup: &Path, argv: &[&str]) -> Result<Process> {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;

@@ -37,12 +37,18 @@ pub enum Mode {
     Iptables,
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(match self {
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Mode::Ebpf => "ebpf",
             Mode::Iptables => "iptables",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
     }
 }
 

@@ -212,7 +212,7 @@ pub async fn relay_plaintext(
 pub fn labels(ctx: &Context, direction: Direction, transport: &'static str) -> ConnLabels {
     ConnLabels {
         direction,
-        mode: ctx.interception.mode().to_string(),
+        mode: ctx.interception.mode().as_str(),
         transport,
     }
 }

@@ -106,15 +106,15 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Runn
             )?);
         }
         PathKind::Stunnel => {
-            let certs = peer_certs(ca, dir)?;
-            running.processes.push(stunnel(net, 1, dir, &certs, false)?);
-            running.processes.push(stunnel(net, 0, dir, &certs, true)?);
+            let root = peer_certs(ca, dir)?;
+            running.processes.push(stunnel(net, 1, dir, &root, false)?);
+            running.processes.push(stunnel(net, 0, dir, &root, true)?);
             running.redirect = Some(redirect(net, 15101)?);
         }
         PathKind::Haproxy => {
-            let certs = peer_certs(ca, dir)?;
-            running.processes.push(haproxy(net, 1, dir, &certs, false)?);
-            running.processes.push(haproxy(net, 0, dir, &certs, true)?);
+            let root = peer_certs(ca, dir)?;
+            running.processes.push(haproxy(net, 1, dir, &root, false)?);
+            running.processes.push(haproxy(net, 0, dir, &root, true)?);
             running.redirect = Some(redirect(net, 15201)?);
         }
     }
@@ -132,12 +132,9 @@ fn redirect(net: &TestNet, to: u16) -> Result<String> {
     Ok(rule)
 }
 
-/// Client and server certificate files (chain + key, and HAProxy's combined PEM).
-pub struct PeerCerts {
-    pub root: String,
-}
-
-fn peer_certs(ca: &MeshCa, dir: &Path) -> Result<PeerCerts> {
+/// Writes client and server certificate files (chain + key, and HAProxy's combined PEM) and
+/// returns the root certificate's path.
+fn peer_certs(ca: &MeshCa, dir: &Path) -> Result<String> {
     for (node, role) in [(0, "client"), (1, "server")] {
         let issuer = Issuer::load(
             &ca.dir.join(format!("n{node}.crt")),
@@ -152,18 +149,10 @@ fn peer_certs(ca: &MeshCa, dir: &Path) -> Result<PeerCerts> {
             format!("{}{}", s.chain_pem, s.key_pem),
         )?;
     }
-    Ok(PeerCerts {
-        root: ca.dir.join("root.crt").display().to_string(),
-    })
+    Ok(ca.dir.join("root.crt").display().to_string())
 }
 
-fn stunnel(
-    net: &TestNet,
-    node: usize,
-    dir: &Path,
-    certs: &PeerCerts,
-    client: bool,
-) -> Result<Process> {
+fn stunnel(net: &TestNet, node: usize, dir: &Path, root: &str, client: bool) -> Result<Process> {
     let role = if client { "client" } else { "server" };
     let server = net.node(1).addr;
     let (accept, connect) = if client {
@@ -180,25 +169,23 @@ fn stunnel(
          cert = {d}/{role}.crt\nkey = {d}/{role}.key\nCAfile = {}\nverifyChain = yes\n\
          sslVersionMin = TLSv1.3\n",
         if client { "yes" } else { "no" },
-        certs.root
+        root
     );
-    let path = dir.join(format!("stunnel-{role}.conf"));
-    std::fs::write(&path, conf)?;
-    let p = net.host_process(node, &["stunnel4", path.to_str().unwrap()])?;
-    wait_port(net, node, if client { 15101 } else { 15108 })?;
-    Ok(p)
+    let port = if client { 15101 } else { 15108 };
+    run_peer(
+        net,
+        node,
+        &dir.join(format!("stunnel-{role}.conf")),
+        &conf,
+        &["stunnel4"],
+        port,
+    )
 }
 
-fn haproxy(
-    net: &TestNet,
-    node: usize,
-    dir: &Path,
-    certs: &PeerCerts,
-    client: bool,
-) -> Result<Process> {
+fn haproxy(net: &TestNet, node: usize, dir: &Path, root: &str, client: bool) -> Result<Process> {
     let d = dir.display();
     let server = net.node(1).addr;
-    let tls = format!("ca-file {} verify required ssl-min-ver TLSv1.3", certs.root);
+    let tls = format!("ca-file {} verify required ssl-min-ver TLSv1.3", root);
     let (bind, target) = if client {
         (
             "127.0.0.1:15201".to_string(),
@@ -215,10 +202,33 @@ fn haproxy(
          timeout server 120s\nfrontend f\n  bind {bind}\n  default_backend b\nbackend b\n  server s {target}\n"
     );
     let role = if client { "client" } else { "server" };
-    let path = dir.join(format!("haproxy-{role}.cfg"));
-    std::fs::write(&path, conf)?;
-    let p = net.host_process(node, &["haproxy", "-db", "-f", path.to_str().unwrap()])?;
-    wait_port(net, node, if client { 15201 } else { 15208 })?;
+    let port = if client { 15201 } else { 15208 };
+    run_peer(
+        net,
+        node,
+        &dir.join(format!("haproxy-{role}.cfg")),
+        &conf,
+        &["haproxy", "-db", "-f"],
+        port,
+    )
+}
+
+/// Writes a peer proxy's configuration to `path`, starts `argv` + `path` in `node` and waits
+/// until it listens on `port`.
+fn run_peer(
+    net: &TestNet,
+    node: usize,
+    path: &Path,
+    conf: &str,
+    argv: &[&str],
+    port: u16,
+) -> Result<Process> {
+    std::fs::write(path, conf)?;
+    let path = path.display().to_string();
+    let mut full = argv.to_vec();
+    full.push(&path);
+    let p = net.host_process(node, &full)?;
+    wait_port(net, node, port)?;
     Ok(p)
 }
 
