@@ -49,12 +49,18 @@ pub mod names {
     pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
     pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+    pub const MAP_BYPASS_SOCKETS: &str = "BYPASS_SOCKETS";
+    pub const MAP_BYPASS_TCP_ONLY: &str = "BYPASS_TCP_ONLY";
+    pub const PROG_SK_MSG: &str = "mesh_sk_msg";
 }
 
 /// Capacity of the original-destination maps (LRU: the oldest entries go first when full).
 pub const ORIG_DST_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of the exclusion maps.
 pub const EXCLUSION_MAP_ENTRIES: u32 = 256;
+/// Capacity of the loopback-bypass socket map: two sockets per proxied local hop. A socket that
+/// finds it full simply keeps using TCP.
+pub const BYPASS_MAP_ENTRIES: u32 = 65_536;
 
 /// Runtime settings the userspace loader writes into `MESH_CONFIG[0]` before attaching.
 #[repr(C)]
@@ -69,6 +75,9 @@ pub struct MeshConfig {
     pub proxy_uid: u32,
     /// Non-zero once userspace has filled the settings; until then the programs steer nothing.
     pub enabled: u32,
+    /// Non-zero: sockops puts both ends of each app<->meshd loopback hop into the bypass
+    /// sockhash, where the sk_msg program moves their bytes without the TCP stack.
+    pub bypass: u32,
 }
 
 /// The original destination of a steered connection and the cgroup of the workload that made it.
@@ -94,6 +103,30 @@ pub struct SockKey {
     pub _pad: u16,
 }
 
+/// One end of a local TCP connection as the socket itself sees it, in the form both sockops and
+/// sk_msg read from their contexts: addresses in network byte order, ports in host byte order.
+/// The other end of the same connection has the mirrored tuple ([`SockTuple::peer`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockTuple {
+    /// The tuple the socket at the other end of this connection has.
+    pub const fn peer(&self) -> SockTuple {
+        SockTuple {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
 /// Indices into the `MESH_COUNTERS` per-CPU array.
 pub mod counters {
     /// connect4 steered a connection to the proxy.
@@ -106,7 +139,11 @@ pub mod counters {
     pub const REKEYED: u32 = 3;
     /// sk_lookup handed an inbound connection to the :15006 listener.
     pub const INBOUND_CAPTURED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// sockops put a loopback socket into the bypass sockhash.
+    pub const BYPASS_SOCKETS: u32 = 5;
+    /// sk_msg found no peer socket for a connection's first bytes: that connection keeps TCP.
+    pub const BYPASS_FALLBACK: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 #[cfg(feature = "user")]
@@ -116,4 +153,5 @@ mod user {
     unsafe impl aya::Pod for super::MeshConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockTuple {}
 }

@@ -10,23 +10,28 @@
 //!   addresses; native IPv6 is left alone.
 //! - `mesh_getpeername4`/`6` (cgroup/getpeername4/6): the application sees its original peer.
 //! - `mesh_sk_lookup` (sk_lookup): new inbound connections to captured ports go to :15006.
+//! - `mesh_sk_msg` (sk_msg on `BYPASS_SOCKETS`): the loopback hops between applications and
+//!   meshd (app <-> :15001, meshd's 127.0.0.6 deliveries <-> workload) skip the TCP stack: sockops
+//!   puts both ends in the sockhash when they are established, and each `sendmsg` lands directly
+//!   in the other end's receive queue.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        bpf_sock_addr, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use mesh_common::{
-    counters, ports, MeshConfig, OrigDst, SockKey, DELIVERY_SOURCE_IP, EXCLUSION_MAP_ENTRIES,
-    ORIG_DST_MAP_ENTRIES,
+    counters, ports, MeshConfig, OrigDst, SockKey, SockTuple, BYPASS_MAP_ENTRIES,
+    DELIVERY_SOURCE_IP, EXCLUSION_MAP_ENTRIES, ORIG_DST_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -59,6 +64,14 @@ static INBOUND_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCLUSION_MAP
 /// Slot 0 holds meshd's :15006 listening socket.
 #[map]
 static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+/// Both ends of every loopback hop the bypass serves, by the tuple each end sees.
+#[map]
+static BYPASS_SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(BYPASS_MAP_ENTRIES, 0);
+/// Connections whose first bytes went through TCP (their peer was not in `BYPASS_SOCKETS` yet):
+/// they stay on TCP, since bytes redirected later would overtake bytes still in the TCP queue.
+#[map]
+static BYPASS_TCP_ONLY: LruHashMap<SockTuple, u8> =
+    LruHashMap::with_max_entries(BYPASS_MAP_ENTRIES, 0);
 #[map]
 static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
@@ -178,11 +191,16 @@ fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig, ip: u32, port: u16) -> bool
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_established(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            rekey_established(&ctx);
+            add_to_bypass(&ctx);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => add_to_bypass(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: the context pointer is a valid bpf_sock_ops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+            let _ = BYPASS_TCP_ONLY.remove(&ops_tuple(&ctx));
         }
         _ => {}
     }
@@ -210,6 +228,89 @@ fn rekey_established(ctx: &SockOpsContext) {
     }
     // Ask for state callbacks so the cookie record goes when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// Puts an established socket into the bypass sockhash when it is one end of a hop meshd makes on
+/// this node: an application's steered connection to :15001 (either end), or a delivery from
+/// 127.0.0.6 to a workload (either end). Everything else keeps plain TCP.
+#[inline(always)]
+fn add_to_bypass(ctx: &SockOpsContext) {
+    let Some(cfg) = MESH_CONFIG.get(0) else {
+        return;
+    };
+    if cfg.bypass == 0 {
+        return;
+    }
+    let tuple = ops_tuple(ctx);
+    let loopback = LOOPBACK_V4.to_be();
+    let delivery = DELIVERY_SOURCE_IP.to_be();
+    let outbound = u32::from(cfg.outbound_port);
+    let app_hop = (tuple.remote_ip == loopback && tuple.remote_port == outbound)
+        || (tuple.local_ip == loopback && tuple.local_port == outbound);
+    let delivery_hop = tuple.local_ip == delivery || tuple.remote_ip == delivery;
+    if !app_hop && !delivery_hop {
+        return;
+    }
+    // A recycled tuple starts afresh.
+    let _ = BYPASS_TCP_ONLY.remove(&tuple);
+    // SAFETY: the context pointer is a valid bpf_sock_ops.
+    let ops = unsafe { &mut *ctx.ops };
+    if BYPASS_SOCKETS
+        .update(tuple, ops, u64::from(BPF_ANY))
+        .is_ok()
+    {
+        count(counters::BYPASS_SOCKETS);
+        // The close callback forgets the connection's TCP-only mark, if it gets one.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+#[inline(always)]
+fn ops_tuple(ctx: &SockOpsContext) -> SockTuple {
+    // SAFETY: the context pointer is a valid bpf_sock_ops; fields are read once into locals.
+    let ops = unsafe { &*ctx.ops };
+    SockTuple {
+        local_ip: ops.local_ip4,
+        remote_ip: ops.remote_ip4,
+        local_port: ops.local_port,
+        remote_port: remote_port(ops.remote_port),
+    }
+}
+
+/// A context's remote port in host byte order. The kernel exposes it in network byte order, in
+/// the upper 16 bits on little-endian machines (older kernels: the lower 16).
+#[inline(always)]
+fn remote_port(raw: u32) -> u32 {
+    let net = if raw > 0xffff { raw >> 16 } else { raw };
+    u32::from(u16::from_be(net as u16))
+}
+
+/// Every `sendmsg` on a socket in the bypass map: hand the bytes straight to the receive queue of
+/// the connection's other end when it is in the map too. A connection whose first bytes could not
+/// be redirected stays on TCP for its whole life, so bytes never overtake each other.
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel hands a valid sk_msg_md; fields are read once into locals.
+    let md = unsafe { &*ctx.msg };
+    let own = SockTuple {
+        local_ip: md.local_ip4,
+        remote_ip: md.remote_ip4,
+        local_port: md.local_port,
+        remote_port: remote_port(md.remote_port),
+    };
+    // SAFETY: map lookup with a plain-data key.
+    if unsafe { BYPASS_TCP_ONLY.get(&own) }.is_some() {
+        return SK_PASS;
+    }
+    let mut peer = own.peer();
+    if BYPASS_SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+    {
+        return SK_PASS;
+    }
+    if BYPASS_TCP_ONLY.insert(&own, &1, 0).is_ok() {
+        count(counters::BYPASS_FALLBACK);
+    }
+    SK_PASS
 }
 
 #[cgroup_sock_addr(getpeername4)]

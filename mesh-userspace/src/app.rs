@@ -170,6 +170,10 @@ async fn log_status(interception: &dyn Interception, metrics: &Metrics) {
                 .get_or_create(&labels)
                 .set(entries as i64);
         }
+        for (event, count) in interception.kernel_events() {
+            let labels = crate::metrics::EventLabels { event };
+            metrics.bpf_events.get_or_create(&labels).set(count as i64);
+        }
         tracing::info!(status = %interception.status(), "interception");
     }
 }

@@ -72,6 +72,11 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnLabels, Counter>,
@@ -79,6 +84,7 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub active: Family<ConnLabels, Gauge>,
     pub bpf_map_entries: Family<MapLabels, Gauge>,
+    pub bpf_events: Family<EventLabels, Gauge>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub svid_renewals: Family<ResultLabels, Counter>,
 }
@@ -92,6 +98,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             active: Family::default(),
             bpf_map_entries: Family::default(),
+            bpf_events: Family::default(),
             tls_handshakes: Family::default(),
             svid_renewals: Family::default(),
             registry: Registry::default(),
@@ -116,6 +123,12 @@ impl Default for Metrics {
             "bpf_map_entries",
             "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)",
             m.bpf_map_entries.clone(),
+        );
+        registry.register(
+            "bpf_events",
+            "Events counted by meshd's eBPF programs since start (steered, excluded, \
+             record_failed, inbound_captured, bypass_sockets, bypass_kept_on_tcp)",
+            m.bpf_events.clone(),
         );
         registry.register(
             "tls_handshakes",

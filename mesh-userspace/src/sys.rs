@@ -89,6 +89,21 @@ pub fn ensure_cgroup2() -> Result<PathBuf> {
     ensure_mounted("cgroup2", Path::new(CGROUP2_FALLBACK_MOUNT))
 }
 
+/// The cgroup v2 directory this process runs in, or `None` when that is the root of the
+/// hierarchy (nothing may be attached there on meshd's behalf: it would reach every process).
+pub fn own_cgroup() -> Result<Option<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/cgroup").context("read /proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("/proc/self/cgroup has no cgroup v2 entry")?;
+    let relative = relative.trim_start_matches('/');
+    if relative.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ensure_cgroup2()?.join(relative)))
+}
+
 /// The bpffs mount, mounting one at [`BPFFS_MOUNT`] when the machine has none.
 pub fn ensure_bpffs() -> Result<PathBuf> {
     ensure_mounted("bpf", Path::new(BPFFS_MOUNT))

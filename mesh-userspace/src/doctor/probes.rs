@@ -33,6 +33,8 @@ pub const ALL: &[Probe] = &[
     p("prog-getpeername6", EBPF),
     p("prog-sockops", EBPF),
     p("prog-sk-lookup", EBPF),
+    // The loopback bypass is an acceleration: without it ebpf mode runs on TCP.
+    p("prog-sk-msg", INFO),
     p("iptables", IPTABLES),
     p("iptables-nat", IPTABLES),
     p("iptables-owner", IPTABLES),
@@ -40,13 +42,14 @@ pub const ALL: &[Probe] = &[
 ];
 
 /// The eBPF programs meshd ships, by the check that loads each.
-const PROGRAMS: [(&str, &str); 6] = [
+const PROGRAMS: [(&str, &str); 7] = [
     ("prog-connect4", names::PROG_CONNECT4),
     ("prog-connect6", names::PROG_CONNECT6),
     ("prog-getpeername4", names::PROG_GETPEERNAME4),
     ("prog-getpeername6", names::PROG_GETPEERNAME6),
     ("prog-sockops", names::PROG_SOCKOPS),
     ("prog-sk-lookup", names::PROG_SK_LOOKUP),
+    ("prog-sk-msg", names::PROG_SK_MSG),
 ];
 
 pub fn run_all(assume_missing: &[String]) -> Vec<Check> {
@@ -186,6 +189,7 @@ fn load_program(bpf: &mut aya::Ebpf, name: &str) -> Outcome {
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::SkLookup(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
         _ => return Outcome::Missing(format!("{name} has an unexpected type {section:?}")),
     };
     match loaded {

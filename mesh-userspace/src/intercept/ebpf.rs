@@ -3,6 +3,11 @@
 //! Every link is pinned under the pin directory: if meshd dies, steered connections keep
 //! arriving at its (closed) port and fail instead of leaving the node in plaintext, until
 //! `meshd cleanup` or the next start removes them.
+//!
+//! With `proxy.sk_msg_bypass` (default), sockops also puts both ends of each local hop (app <->
+//! :15001, 127.0.0.6 <-> workload) into a sockhash whose sk_msg program moves bytes socket to
+//! socket. meshd's own ends are seen by sockops attached to meshd's own cgroup, with a link that
+//! is not pinned: it goes when meshd exits.
 
 use std::{
     fs::File,
@@ -14,14 +19,14 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
     },
     Ebpf,
 };
-use mesh_common::{counters, names, ports, MeshConfig, OrigDst, SockKey};
+use mesh_common::{counters, names, ports, MeshConfig, OrigDst, SockKey, SockTuple};
 use tokio::net::TcpStream;
 
 use super::{v4, Interception, Mode, Origin, OriginError, Workloads};
@@ -36,6 +41,24 @@ pub struct EbpfInterception {
     links: Mutex<Vec<PinnedLink>>,
     pin_dir: PathBuf,
     workloads: Workloads,
+    bypass: Bypass,
+}
+
+/// The eBPF programs' counters, by the event name metrics and logs use.
+const KERNEL_EVENTS: [(&str, u32); 6] = [
+    ("steered", counters::STEERED),
+    ("excluded", counters::EXCLUDED),
+    ("record_failed", counters::RECORD_FAILED),
+    ("inbound_captured", counters::INBOUND_CAPTURED),
+    ("bypass_sockets", counters::BYPASS_SOCKETS),
+    ("bypass_kept_on_tcp", counters::BYPASS_FALLBACK),
+];
+
+/// Whether the sk_msg loopback bypass runs, and what it holds.
+enum Bypass {
+    Off(String),
+    /// sockops on meshd's own cgroup (`None` when that is a workload cgroup, already covered).
+    On(#[allow(dead_code)] Option<FdLink>),
 }
 
 /// Loads, configures and attaches everything; `inbound_listener` is the :15006 socket that
@@ -53,7 +76,25 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     let pin_dir = cfg.proxy.pin_dir.clone();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {}", pin_dir.display()))?;
     let mut bpf = super::load_object().context("load meshd's eBPF object")?;
-    fill_settings(&mut bpf, cfg, inbound_listener)?;
+    program::<SockOps>(&mut bpf, names::PROG_SOCKOPS)?
+        .load()
+        .context("load sockops")?;
+    let bypass = if cfg.proxy.sk_msg_bypass {
+        enable_bypass(&mut bpf, cfg).unwrap_or_else(|e| Bypass::Off(format!("{e:#}")))
+    } else {
+        Bypass::Off("proxy.sk_msg_bypass is false".into())
+    };
+    if let Bypass::Off(why) = &bypass {
+        if cfg.proxy.sk_msg_bypass {
+            tracing::warn!(reason = %why, "sk_msg loopback bypass off");
+        }
+    }
+    fill_settings(
+        &mut bpf,
+        cfg,
+        inbound_listener,
+        matches!(bypass, Bypass::On(_)),
+    )?;
     let mut links = Vec::new();
     let mut pin = |link: FdLink, name: String| -> Result<()> {
         let path = pin_dir.join(name);
@@ -80,7 +121,6 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         }
     }
     let sockops: &mut SockOps = program(&mut bpf, names::PROG_SOCKOPS)?;
-    sockops.load().context("load sockops")?;
     for w in &cfg.workloads {
         let link = sockops.attach_link(cgroup_fd(&w.cgroup_path)?)?;
         pin(link, format!("{}_sockops", w.name))?;
@@ -107,7 +147,38 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         links: Mutex::new(links),
         pin_dir,
         workloads: Workloads::new(&cfg.workloads),
+        bypass,
     })
+}
+
+/// Attaches sk_msg to the bypass sockhash and sockops to meshd's own cgroup, so that meshd's
+/// ends of local hops enter the sockhash the moment they are established (before the first
+/// byte: a socket added later could see redirected bytes overtake ones already queued).
+fn enable_bypass(bpf: &mut Ebpf, cfg: &Validated) -> Result<Bypass> {
+    let Some(own) = crate::sys::own_cgroup()? else {
+        return Ok(Bypass::Off(
+            "meshd runs in the root cgroup, where nothing may be attached on its behalf".into(),
+        ));
+    };
+    let hash: SockHash<_, SockTuple> = SockHash::try_from(map(bpf, names::MAP_BYPASS_SOCKETS)?)?;
+    let hash_fd = hash.fd().try_clone()?;
+    let msg: &mut SkMsg = program(bpf, names::PROG_SK_MSG)?;
+    msg.load().context("load sk_msg")?;
+    msg.attach(&hash_fd)
+        .context("attach sk_msg to the bypass sockhash")?;
+    let same = |p: &Path| std::fs::canonicalize(p).ok();
+    if cfg
+        .workloads
+        .iter()
+        .any(|w| same(&w.cgroup_path) == same(&own))
+    {
+        return Ok(Bypass::On(None));
+    }
+    let sockops: &mut SockOps = program(bpf, names::PROG_SOCKOPS)?;
+    let link = sockops
+        .attach_link(cgroup_fd(&own)?)
+        .with_context(|| format!("attach sockops to meshd's cgroup {}", own.display()))?;
+    Ok(Bypass::On(Some(link)))
 }
 
 /// Attaching to a workload cgroup as a bpf link the caller owns (and pins).
@@ -159,7 +230,12 @@ fn remove_stale_pins(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn fill_settings(bpf: &mut Ebpf, cfg: &Validated, inbound: &impl AsRawFd) -> Result<()> {
+fn fill_settings(
+    bpf: &mut Ebpf,
+    cfg: &Validated,
+    inbound: &impl AsRawFd,
+    bypass: bool,
+) -> Result<()> {
     let mut settings: HashMap<_, u16, u8> =
         HashMap::try_from(map(bpf, names::MAP_EXCLUDED_PORTS)?)?;
     for port in &cfg.excluded_ports {
@@ -185,6 +261,7 @@ fn fill_settings(bpf: &mut Ebpf, cfg: &Validated, inbound: &impl AsRawFd) -> Res
         proxy_mark: cfg.proxy.mark,
         proxy_uid: cfg.proxy.uid.unwrap_or(u32::MAX),
         enabled: 1,
+        bypass: u32::from(bypass),
     };
     config.set(0, settings, 0)?;
     Ok(())
@@ -239,22 +316,35 @@ impl Interception for EbpfInterception {
         ]
     }
 
-    fn status(&self) -> String {
-        let fill = self.map_entries();
-        let (cookie, tuple) = (fill[0].1, fill[1].1);
+    fn kernel_events(&self) -> Vec<(&'static str, u64)> {
         let sum = |i: u32| {
             self.counters
                 .get(&i, 0)
                 .map(|v| v.iter().sum::<u64>())
                 .unwrap_or(0)
         };
+        KERNEL_EVENTS
+            .iter()
+            .map(|&(name, index)| (name, sum(index)))
+            .collect()
+    }
+
+    fn status(&self) -> String {
+        let fill = self.map_entries();
+        let (cookie, tuple) = (fill[0].1, fill[1].1);
+        let events = self
+            .kernel_events()
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let bypass = match &self.bypass {
+            Bypass::On(_) => "on".to_string(),
+            Bypass::Off(why) => format!("off ({why})"),
+        };
         format!(
-            "orig-dst maps: {cookie}/{cap} by cookie, {tuple}/{cap} by tuple; steered {} \
-             excluded {} record-failed {} inbound-captured {}",
-            sum(counters::STEERED),
-            sum(counters::EXCLUDED),
-            sum(counters::RECORD_FAILED),
-            sum(counters::INBOUND_CAPTURED),
+            "orig-dst maps: {cookie}/{cap} by cookie, {tuple}/{cap} by tuple; sk_msg bypass \
+             {bypass}; events: {events}",
             cap = mesh_common::ORIG_DST_MAP_ENTRIES,
         )
     }

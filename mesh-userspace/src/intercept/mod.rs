@@ -92,6 +92,10 @@ pub trait Interception: Send + Sync {
     fn map_entries(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Cumulative event counts kept in the kernel (eBPF programs), by event name.
+    fn kernel_events(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Removes every program, link, pin or rule this mode installed.
     fn uninstall(&self) -> anyhow::Result<()>;
 }

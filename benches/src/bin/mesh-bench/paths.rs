@@ -17,15 +17,18 @@ pub enum PathKind {
     Direct,
     MeshdIptables,
     MeshdEbpf,
+    /// meshd in ebpf mode with the sk_msg loopback bypass.
+    MeshdEbpfSkMsg,
     Stunnel,
     Haproxy,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::MeshdIptables,
         PathKind::MeshdEbpf,
+        PathKind::MeshdEbpfSkMsg,
         PathKind::Stunnel,
         PathKind::Haproxy,
     ];
@@ -35,6 +38,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::MeshdIptables => "meshd-iptables",
             PathKind::MeshdEbpf => "meshd-ebpf",
+            PathKind::MeshdEbpfSkMsg => "meshd-ebpf-skmsg",
             PathKind::Stunnel => "stunnel4-pair",
             PathKind::Haproxy => "haproxy-pair",
         }
@@ -78,12 +82,13 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Runn
     };
     match kind {
         PathKind::Direct => {}
-        PathKind::MeshdIptables | PathKind::MeshdEbpf => {
-            let mode = if kind == PathKind::MeshdEbpf {
-                "ebpf"
-            } else {
+        PathKind::MeshdIptables | PathKind::MeshdEbpf | PathKind::MeshdEbpfSkMsg => {
+            let mode = if kind == PathKind::MeshdIptables {
                 "iptables"
+            } else {
+                "ebpf"
             };
+            let bypass = format!("  sk_msg_bypass: {}\n", kind == PathKind::MeshdEbpfSkMsg);
             let client = [WorkloadSpec {
                 name: "client",
                 ports: &[],
@@ -96,13 +101,13 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Runn
                 0,
                 mode,
                 &client,
-                &ca.config(0, "24h", &[]),
+                &(bypass.clone() + &ca.config(0, "24h", &[])),
             )?);
             running.meshd.push(net.start_meshd_with(
                 1,
                 mode,
                 &server,
-                &ca.config(1, "24h", &[]),
+                &(bypass + &ca.config(1, "24h", &[])),
             )?);
         }
         PathKind::Stunnel => {

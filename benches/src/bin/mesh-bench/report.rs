@@ -19,10 +19,11 @@ pub struct Rss {
     pub with_1000_kib: u64,
 }
 
-const PATHS: [&str; 5] = [
+const PATHS: [&str; 6] = [
     "direct",
     "meshd-iptables",
     "meshd-ebpf",
+    "meshd-ebpf-skmsg",
     "stunnel4-pair",
     "haproxy-pair",
 ];
