@@ -8,13 +8,14 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::metrics::Metrics;
+use crate::{intercept::Interception, metrics::Metrics};
 
 const MAX_REQUEST: usize = 8 * 1024;
 
 #[derive(Clone)]
 pub enum Endpoint {
-    Metrics(Arc<Metrics>),
+    /// The registry, and the interception whose kernel-side figures are read at each scrape.
+    Metrics(Arc<Metrics>, Arc<dyn Interception>),
     Ready,
 }
 
@@ -51,7 +52,10 @@ async fn answer(mut conn: TcpStream, endpoint: Endpoint) -> std::io::Result<()> 
         return respond(&mut conn, "405 Method Not Allowed", "").await;
     }
     match (&endpoint, path) {
-        (Endpoint::Metrics(m), "/metrics") => respond(&mut conn, "200 OK", &m.render()).await,
+        (Endpoint::Metrics(m, interception), "/metrics") => {
+            m.refresh_kernel(interception.as_ref());
+            respond(&mut conn, "200 OK", &m.render()).await
+        }
         (Endpoint::Ready, "/healthz/ready") => respond(&mut conn, "200 OK", "ready\n").await,
         _ => respond(&mut conn, "404 Not Found", "").await,
     }

@@ -94,10 +94,13 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
     let served = tokio::select! {
         _ = proxy::accept_loop(outbound_listener, ctx.clone(), outbound::handle) => Ok(()),
         _ = proxy::accept_loop(inbound_listener, ctx.clone(), inbound::handle) => Ok(()),
-        _ = admin::serve(metrics_listener, Endpoint::Metrics(metrics.clone())) => Ok(()),
+        _ = admin::serve(
+            metrics_listener,
+            Endpoint::Metrics(metrics.clone(), interception.clone()),
+        ) => Ok(()),
         _ = admin::serve(ready_listener, Endpoint::Ready) => Ok(()),
         _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
-        _ = log_status(interception.as_ref(), &metrics) => Ok(()),
+        _ = log_status(interception.as_ref()) => Ok(()),
         stop = stop_signal() => stop,
     };
     tracing::info!(status = %interception.status(), "stopping");
@@ -159,21 +162,10 @@ async fn serve_hbone(
     }
 }
 
-async fn log_status(interception: &dyn Interception, metrics: &Metrics) {
+async fn log_status(interception: &dyn Interception) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     loop {
         tick.tick().await;
-        for (map, entries) in interception.map_entries() {
-            let labels = crate::metrics::MapLabels { map };
-            metrics
-                .bpf_map_entries
-                .get_or_create(&labels)
-                .set(entries as i64);
-        }
-        for (event, count) in interception.kernel_events() {
-            let labels = crate::metrics::EventLabels { event };
-            metrics.bpf_events.get_or_create(&labels).set(count as i64);
-        }
         tracing::info!(status = %interception.status(), "interception");
     }
 }

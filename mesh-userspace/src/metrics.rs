@@ -163,6 +163,21 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
+    /// Reads the figures interception keeps in the kernel (map fill, eBPF event counts) into
+    /// their gauges; called at each scrape, so they are as fresh as the scrape.
+    pub fn refresh_kernel(&self, interception: &dyn crate::intercept::Interception) {
+        for (map, entries) in interception.map_entries() {
+            let labels = MapLabels { map };
+            self.bpf_map_entries
+                .get_or_create(&labels)
+                .set(entries as i64);
+        }
+        for (event, count) in interception.kernel_events() {
+            let labels = EventLabels { event };
+            self.bpf_events.get_or_create(&labels).set(count as i64);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

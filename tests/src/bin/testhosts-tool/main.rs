@@ -8,6 +8,9 @@
 //!                                        (MARKER repeated, if given), half-close, read the echo
 //!                                        back and compare; print `peer ADDR` (getpeername) and
 //!                                        `ok CONNS BYTES`
+//! testhosts-tool client-nonblocking ADDR BYTES CONNS
+//!                                        the same with non-blocking sockets and readiness
+//!                                        (tokio), as event-driven applications do
 //! testhosts-tool loop ADDR SECONDS       one connection after another for SECONDS, 100 bytes
 //!                                        echoed on each; print `loop ok N failed M`
 //! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
@@ -31,10 +34,23 @@ fn main() {
         .as_slice()
     {
         ["echo-server", addr] => echo_server(addr),
-        ["client", addr, bytes, conns] => client(addr, parse(bytes), parse(conns), None),
-        ["client", addr, bytes, conns, marker] => {
-            client(addr, parse(bytes), parse(conns), Some(marker.as_bytes()))
+        ["client", addr, bytes, conns] => {
+            client(addr, parse(bytes), parse(conns), None, one_connection)
         }
+        ["client", addr, bytes, conns, marker] => client(
+            addr,
+            parse(bytes),
+            parse(conns),
+            Some(marker.as_bytes()),
+            one_connection,
+        ),
+        ["client-nonblocking", addr, bytes, conns] => client(
+            addr,
+            parse(bytes),
+            parse(conns),
+            None,
+            one_connection_nonblocking,
+        ),
         ["loop", addr, secs] => repeat(addr, parse(secs)),
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
@@ -84,7 +100,16 @@ fn payload(len: usize, seed: usize) -> Vec<u8> {
         .collect()
 }
 
-fn client(addr: &str, bytes: usize, conns: usize, marker: Option<&[u8]>) -> Result<(), String> {
+/// One echoed connection: sends the bytes, half-closes, returns (peer address, bytes read back).
+type OneConnection = fn(&str, Vec<u8>) -> Result<(String, Vec<u8>, Vec<u8>), String>;
+
+fn client(
+    addr: &str,
+    bytes: usize,
+    conns: usize,
+    marker: Option<&[u8]>,
+    one: OneConnection,
+) -> Result<(), String> {
     let workers: Vec<_> = (0..conns)
         .map(|i| {
             let addr = addr.to_string();
@@ -92,7 +117,7 @@ fn client(addr: &str, bytes: usize, conns: usize, marker: Option<&[u8]>) -> Resu
                 Some(m) => m.iter().copied().cycle().take(bytes).collect(),
                 None => payload(bytes, i),
             };
-            thread::spawn(move || one_connection(&addr, data))
+            thread::spawn(move || compare(&addr, one(&addr, data)?))
         })
         .collect();
     let mut peers = Vec::new();
@@ -111,7 +136,46 @@ fn client(addr: &str, bytes: usize, conns: usize, marker: Option<&[u8]>) -> Resu
     Ok(())
 }
 
-fn one_connection(addr: &str, sent: Vec<u8>) -> Result<String, String> {
+/// Checks that what came back is what was sent; returns the peer address.
+fn compare(addr: &str, (peer, sent, got): (String, Vec<u8>, Vec<u8>)) -> Result<String, String> {
+    if got != sent {
+        return Err(format!(
+            "echo from {addr} differs: sent {} bytes, got {}",
+            sent.len(),
+            got.len()
+        ));
+    }
+    Ok(peer)
+}
+
+fn one_connection_nonblocking(
+    addr: &str,
+    sent: Vec<u8>,
+) -> Result<(String, Vec<u8>, Vec<u8>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let peer = stream.peer_addr().map_err(|e| e.to_string())?.to_string();
+        let (mut reader, mut writer) = stream.into_split();
+        let send = async {
+            writer.write_all(&sent).await?;
+            writer.shutdown().await
+        };
+        let mut got = Vec::with_capacity(sent.len());
+        let (sent_result, read_result) = tokio::join!(send, reader.read_to_end(&mut got));
+        read_result.map_err(|e| format!("read from {addr}: {e}"))?;
+        sent_result.map_err(|e| format!("write to {addr}: {e}"))?;
+        Ok((peer, sent, got))
+    })
+}
+
+fn one_connection(addr: &str, sent: Vec<u8>) -> Result<(String, Vec<u8>, Vec<u8>), String> {
     let bytes = sent.len();
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?.to_string();
@@ -129,14 +193,7 @@ fn one_connection(addr: &str, sent: Vec<u8>) -> Result<String, String> {
         .join()
         .map_err(|_| "writer panicked".to_string())?
         .map_err(|e| format!("write to {addr}: {e}"))?;
-    if got != sent {
-        return Err(format!(
-            "echo from {addr} differs: sent {} bytes, got {}",
-            sent.len(),
-            got.len()
-        ));
-    }
-    Ok(peer)
+    Ok((peer, sent, got))
 }
 
 fn repeat(addr: &str, secs: usize) -> Result<(), String> {
@@ -145,7 +202,7 @@ fn repeat(addr: &str, secs: usize) -> Result<(), String> {
     let mut i = 0;
     while std::time::Instant::now() < deadline {
         i += 1;
-        match one_connection(addr, payload(100, i)) {
+        match one_connection(addr, payload(100, i)).and_then(|r| compare(addr, r)) {
             Ok(_) => ok += 1,
             Err(e) => {
                 failed += 1;
