@@ -200,7 +200,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
             // SAFETY: the context pointer is a valid bpf_sock_ops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-            let _ = BYPASS_TCP_ONLY.remove(&ops_tuple(&ctx));
+            let _ = BYPASS_TCP_ONLY.remove(ops_tuple(&ctx));
         }
         _ => {}
     }
@@ -252,7 +252,7 @@ fn add_to_bypass(ctx: &SockOpsContext) {
         return;
     }
     // A recycled tuple starts afresh.
-    let _ = BYPASS_TCP_ONLY.remove(&tuple);
+    let _ = BYPASS_TCP_ONLY.remove(tuple);
     // SAFETY: the context pointer is a valid bpf_sock_ops.
     let ops = unsafe { &mut *ctx.ops };
     if BYPASS_SOCKETS
@@ -299,7 +299,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         remote_port: remote_port(md.remote_port),
     };
     // SAFETY: map lookup with a plain-data key.
-    if unsafe { BYPASS_TCP_ONLY.get(&own) }.is_some() {
+    if unsafe { BYPASS_TCP_ONLY.get(own) }.is_some() {
         return SK_PASS;
     }
     let mut peer = own.peer();
@@ -307,7 +307,7 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
     {
         return SK_PASS;
     }
-    if BYPASS_TCP_ONLY.insert(&own, &1, 0).is_ok() {
+    if BYPASS_TCP_ONLY.insert(own, 1, 0).is_ok() {
         count(counters::BYPASS_FALLBACK);
     }
     SK_PASS
