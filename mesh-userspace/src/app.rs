@@ -82,6 +82,7 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         mesh_networks: cfg.mesh.networks.clone(),
         egress: cfg.mesh.egress,
         tunnels,
+        local_addrs: Default::default(),
     });
     // Start-up (the capability probe, loading and verifying programs, parsing certificates)
     // frees more than it keeps; hand those pages back so the resident size is what serving needs.

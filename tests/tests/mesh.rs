@@ -146,7 +146,12 @@ fn workloads_talk_through_mtls_and_nothing_readable_crosses_the_wire() {
         assert!(!ok, "{mode}: a refused tunnel looked like a success: {out}");
         let tunnel_refused =
             r#"meshd_connections_rejected_total{direction="outbound",reason="tunnel_refused"}"#;
-        assert!(metric(&a, &net, 0, tunnel_refused) >= 1, "{mode}");
+        assert!(
+            metric(&a, &net, 0, tunnel_refused) >= 1,
+            "{mode}: client {out}\nmetrics:\n{}\nlog:\n{}",
+            a.metrics(&net, 0).unwrap_or_default(),
+            a.process.output_so_far().join("\n")
+        );
 
         // STRICT: plaintext to the workload port around the mesh is refused at :15006.
         let (ok, out) = run(&net, 2, None, &[&tool, "client", &target, "10", "1"]);

@@ -43,6 +43,7 @@ pub struct Context {
     pub egress: Egress,
     /// Present when meshd has an identity.
     pub tunnels: Option<Tunnels>,
+    pub local_addrs: LocalAddrs,
 }
 
 pub struct Tunnels {
@@ -222,7 +223,69 @@ pub fn workload_name(w: Option<&Workload>) -> String {
     w.map_or("unknown".into(), |w| format!("{}/{}", w.namespace, w.name))
 }
 
-/// Loopback, or an address of this host (binding to it succeeds).
-pub fn is_local(ip: Ipv4Addr) -> bool {
-    ip.is_loopback() || std::net::TcpListener::bind((ip, 0)).is_ok()
+/// How long a "this address is ours" answer is trusted: addresses come and go with pods.
+const LOCAL_ADDR_TTL: Duration = Duration::from_secs(5);
+
+/// This host's addresses as learnt by binding to them. Positive answers are kept for
+/// [`LOCAL_ADDR_TTL`] (only real local addresses enter, so a peer cannot grow it); negative ones
+/// are asked again each time. Saves a socket + bind + close on every HBONE CONNECT.
+#[derive(Default)]
+pub struct LocalAddrs {
+    seen: std::sync::Mutex<HashMap<Ipv4Addr, Instant>>,
+}
+
+impl LocalAddrs {
+    /// Loopback, or an address of this host.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        if ip.is_loopback() {
+            return true;
+        }
+        let now = Instant::now();
+        let lock = || self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if lock()
+            .get(&ip)
+            .is_some_and(|at| now.duration_since(*at) < LOCAL_ADDR_TTL)
+        {
+            return true;
+        }
+        let local = binds(ip);
+        let mut seen = lock();
+        if local {
+            seen.insert(ip, now);
+        } else {
+            seen.remove(&ip);
+        }
+        local
+    }
+}
+
+/// Whether a socket can bind to `ip` (it is an address of this host). No port is taken.
+fn binds(ip: Ipv4Addr) -> bool {
+    let Ok(sock) = TcpSocket::new_v4() else {
+        return false;
+    };
+    bind_address_no_port(&sock).is_ok() && sock.bind(SocketAddr::new(ip.into(), 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_addresses_are_learnt_and_others_asked_again() {
+        let addrs = LocalAddrs::default();
+        assert!(addrs.contains(Ipv4Addr::LOCALHOST));
+        // 192.0.2.0/24 is documentation space: never an address of this host.
+        let foreign = Ipv4Addr::new(192, 0, 2, 1);
+        assert!(!addrs.contains(foreign));
+        assert!(!addrs.seen.lock().unwrap().contains_key(&foreign));
+        // The wildcard binds on any host: learnt, then answered from the cache.
+        assert!(addrs.contains(Ipv4Addr::UNSPECIFIED));
+        assert!(addrs
+            .seen
+            .lock()
+            .unwrap()
+            .contains_key(&Ipv4Addr::UNSPECIFIED));
+        assert!(addrs.contains(Ipv4Addr::UNSPECIFIED));
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{is_local, labels, relay_plaintext, reset, Access, Context};
+use super::{labels, relay_plaintext, reset, Access, Context};
 use crate::{
     config::Egress,
     intercept::Origin,
@@ -26,7 +26,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
         }
     };
     let dst = origin.dst;
-    if mesh_common::ports::ALL.contains(&dst.port()) && is_local(*dst.ip()) {
+    if mesh_common::ports::ALL.contains(&dst.port()) && ctx.local_addrs.contains(*dst.ip()) {
         // Forwarding to ourselves would loop; interception never steers these ports.
         ctx.metrics.reject(Direction::Outbound, "loop");
         tracing::warn!(%dst, "outbound connection to meshd's own port: closed");

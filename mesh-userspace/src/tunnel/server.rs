@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{bridge, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     metrics::Direction,
-    proxy::{dial, is_local, labels, Access, Context},
+    proxy::{dial, labels, Access, Context},
     tls::{
         config::handshake_failure_reason,
         verify::{identity_of, PeerIdentity},
@@ -141,7 +141,7 @@ fn check_target(
     }
     let ip = *target.ip();
     let workload_port = ctx.inbound.contains_key(&target.port());
-    if ip.is_loopback() || ip.is_unspecified() || !workload_port || !is_local(ip) {
+    if ip.is_loopback() || ip.is_unspecified() || !workload_port || !ctx.local_addrs.contains(ip) {
         return Err((StatusCode::FORBIDDEN, "not_local_workload"));
     }
     Ok(target)
