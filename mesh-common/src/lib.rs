@@ -46,6 +46,7 @@ pub mod names {
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_SOCKOPS: &str = "mesh_sockops";
+    pub const PROG_SOCKOPS_BYPASS: &str = "mesh_sockops_bypass";
     pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "mesh_getpeername6";
     pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";

@@ -11,9 +11,10 @@
 //! - `mesh_getpeername4`/`6` (cgroup/getpeername4/6): the application sees its original peer.
 //! - `mesh_sk_lookup` (sk_lookup): new inbound connections to captured ports go to :15006.
 //! - `mesh_sk_msg` (sk_msg on `BYPASS_SOCKETS`): the loopback hops between applications and
-//!   meshd (app <-> :15001, meshd's 127.0.0.6 deliveries <-> workload) skip the TCP stack: sockops
-//!   puts both ends in the sockhash when they are established, and each `sendmsg` lands directly
-//!   in the other end's receive queue.
+//!   meshd (app <-> :15001, meshd's 127.0.0.6 deliveries <-> workload) skip the TCP stack:
+//!   `mesh_sockops_bypass` (on opted-in workload cgroups and meshd's own) puts both ends in the
+//!   sockhash when they are established, and each `sendmsg` lands directly in the other end's
+//!   receive queue.
 #![no_std]
 #![no_main]
 
@@ -188,19 +189,35 @@ fn is_excluded(sa: &bpf_sock_addr, cfg: &MeshConfig, ip: u32, port: u16) -> bool
     cfg.proxy_uid != u32::MAX && uid == cfg.proxy_uid
 }
 
+/// For workload cgroups whose sockets keep TCP to meshd.
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    sockops(&ctx, false)
+}
+
+/// For workload cgroups using the sk_msg bypass, and for meshd's own cgroup.
+#[sock_ops]
+pub fn mesh_sockops_bypass(ctx: SockOpsContext) -> u32 {
+    sockops(&ctx, true)
+}
+
+#[inline(always)]
+fn sockops(ctx: &SockOpsContext, bypass: bool) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            rekey_established(&ctx);
-            add_to_bypass(&ctx);
+            rekey_established(ctx);
+            if bypass {
+                add_to_bypass(ctx);
+            }
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => add_to_bypass(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB if bypass => add_to_bypass(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: the context pointer is a valid bpf_sock_ops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = ORIG_DST_BY_COOKIE.remove(cookie);
-            let _ = BYPASS_TCP_ONLY.remove(ops_tuple(&ctx));
+            if bypass {
+                let _ = BYPASS_TCP_ONLY.remove(ops_tuple(ctx));
+            }
         }
         _ => {}
     }

@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    os::fd::{AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -190,6 +191,69 @@ pub fn in_scratch_netns<T: Send + 'static>(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+/// `union bpf_attr` as the map element commands read it.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+fn bpf_map_elem<K, V>(
+    cmd: libc::c_long,
+    map: BorrowedFd,
+    key: &K,
+    value: *mut V,
+) -> Result<(), std::io::Error> {
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points at a valid bpf_attr prefix for this command; key and value point at
+    // buffers of the map's key and value sizes (the caller's types match the map's layout).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads and removes one entry of a BPF hash map in one syscall (kernel >= 5.14; older kernels
+/// get a lookup then a delete). `K` and `V` must be the map's key and value layouts.
+pub fn bpf_map_take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd,
+    key: &K,
+) -> Result<V, std::io::Error> {
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    match bpf_map_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, value.as_mut_ptr()) {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => {
+            bpf_map_elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr())?;
+            let _ = bpf_map_elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut::<V>());
+        }
+        Err(e) => return Err(e),
+    }
+    // SAFETY: the kernel filled the value; V is plain data valid for any bytes (aya::Pod).
+    Ok(unsafe { value.assume_init() })
 }
 
 #[cfg(test)]

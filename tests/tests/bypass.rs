@@ -94,6 +94,59 @@ fn attached(cgroup: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Per workload: an event-driven workload opts in while a workload with blocking threads (the
+/// kind the kernel's sockmap receive path can answer EAGAIN: one thread blocked in read while
+/// another half-closes) keeps plain TCP on the same node, and both work.
+#[test]
+fn a_workload_opts_in_while_another_keeps_tcp() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
+    let client = [
+        WorkloadSpec {
+            name: "checkout",
+            ports: &[],
+        },
+        WorkloadSpec {
+            name: "legacy",
+            ports: &[],
+        },
+    ];
+    let server = [WorkloadSpec {
+        name: "orders",
+        ports: &[7000],
+    }];
+    let mut config = net
+        .meshd_config(0, &client, &ca.config(0, "24h", &[]))
+        .unwrap();
+    let opt_in = "- name: checkout\n";
+    assert!(config.contains(opt_in), "{config}");
+    config = config.replace(opt_in, "- name: checkout\n  sk_msg_bypass: true\n");
+    let mut a = net.spawn_meshd(0, "ebpf", &config).unwrap();
+    a.process
+        .expect_line_containing("meshd ready", WAIT)
+        .unwrap();
+    let _b = net
+        .start_meshd_with(1, "ebpf", &server, &ca.config(1, "24h", &[]))
+        .unwrap();
+    let target = format!("{}:7000", net.node(1).addr);
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    for (workload, mode) in [("checkout", "client-nonblocking"), ("legacy", "client")] {
+        let argv = [tool.as_str(), mode, &target, "100000", "8"];
+        let mut p = net.workload(0, workload, &argv).unwrap();
+        let (status, out) = p.wait_output(WAIT).unwrap();
+        assert!(status.success(), "{workload}: {out}");
+        assert!(out.contains("ok 8 100000"), "{out}");
+    }
+    // checkout's 8 sockets and meshd's 16 accepted ones; legacy's stay out, so meshd's ends of
+    // those 8 connections find no peer and keep TCP.
+    let sockets = event(&a, &net, 0, "bypass_sockets");
+    let kept = event(&a, &net, 0, "bypass_kept_on_tcp");
+    assert_eq!(sockets, 24, "{}", a.process.output_so_far().join("\n"));
+    assert!((8..12).contains(&kept), "{kept} connections kept on TCP");
+}
+
 #[test]
 fn without_the_switch_no_socket_enters_the_bypass() {
     require_privileges!();

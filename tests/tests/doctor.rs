@@ -52,6 +52,7 @@ fn doctor_finds_every_capability_and_picks_ebpf() {
     }
     for id in [
         "prog-sk-lookup",
+        "prog-sockops-bypass",
         "prog-sk-msg",
         "iptables-nat",
         "iptables-owner",

@@ -63,6 +63,10 @@ pub struct WorkloadConfig {
     /// Ports the workload serves; new inbound connections to them are captured.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// ebpf mode: this workload's local hops to meshd use the sk_msg bypass (default:
+    /// `proxy.sk_msg_bypass`). Turn it on for event-driven workloads (non-blocking sockets).
+    #[serde(default)]
+    pub sk_msg_bypass: Option<bool>,
 }
 
 fn default_namespace() -> String {
@@ -99,7 +103,7 @@ pub struct ProxySettings {
     pub worker_threads: usize,
     /// `--mode=ebpf`: move bytes between applications and meshd on this node with sk_msg
     /// (socket to socket, no TCP stack on the loopback hop; +69 % keep-alive requests/s in the
-    /// benchmark). Needs meshd in a cgroup of its own (not the root), where it attaches sockops
+    /// benchmark). The default of every workload's `sk_msg_bypass`. Needs meshd in a cgroup of its own (not the root), where it attaches sockops
     /// for its own sockets. Off by default: an application socket in a sockmap has the
     /// kernel's tcp_bpf receive path, where a *blocking* read can fail with EAGAIN when the
     /// socket is woken without data (e.g. another thread half-closes it). Event-driven
@@ -188,6 +192,8 @@ pub struct Workload {
     /// cgroup v2 id (the directory's inode number), what eBPF programs report.
     pub cgroup_id: u64,
     pub ports: Vec<u16>,
+    /// Its sockets to and from meshd go through the sk_msg bypass (ebpf mode).
+    pub sk_msg_bypass: bool,
 }
 
 /// The validated configuration.
@@ -246,7 +252,9 @@ impl Config {
             if !names.insert(&w.name) {
                 return Err(err(field("name"), format!("{:?} is used twice", w.name)));
             }
-            workloads.push(w.resolve(cgroup_root, &field)?);
+            let mut workload = w.resolve(cgroup_root, &field)?;
+            workload.sk_msg_bypass = w.sk_msg_bypass.unwrap_or(self.proxy.sk_msg_bypass);
+            workloads.push(workload);
         }
         for (i, port) in self.exclude.ports.iter().enumerate() {
             if *port == 0 {
@@ -323,6 +331,7 @@ impl WorkloadConfig {
             cgroup_id: std::os::linux::fs::MetadataExt::st_ino(&meta),
             cgroup_path,
             ports: self.ports.clone(),
+            sk_msg_bypass: false,
         })
     }
 }

@@ -34,6 +34,7 @@ pub const ALL: &[Probe] = &[
     p("prog-sockops", EBPF),
     p("prog-sk-lookup", EBPF),
     // The loopback bypass is an acceleration: without it ebpf mode runs on TCP.
+    p("prog-sockops-bypass", INFO),
     p("prog-sk-msg", INFO),
     p("iptables", IPTABLES),
     p("iptables-nat", IPTABLES),
@@ -42,13 +43,14 @@ pub const ALL: &[Probe] = &[
 ];
 
 /// The eBPF programs meshd ships, by the check that loads each.
-const PROGRAMS: [(&str, &str); 7] = [
+const PROGRAMS: [(&str, &str); 8] = [
     ("prog-connect4", names::PROG_CONNECT4),
     ("prog-connect6", names::PROG_CONNECT6),
     ("prog-getpeername4", names::PROG_GETPEERNAME4),
     ("prog-getpeername6", names::PROG_GETPEERNAME6),
     ("prog-sockops", names::PROG_SOCKOPS),
     ("prog-sk-lookup", names::PROG_SK_LOOKUP),
+    ("prog-sockops-bypass", names::PROG_SOCKOPS_BYPASS),
     ("prog-sk-msg", names::PROG_SK_MSG),
 ];
 

@@ -4,15 +4,16 @@
 //! arriving at its (closed) port and fail instead of leaving the node in plaintext, until
 //! `meshd cleanup` or the next start removes them.
 //!
-//! With `proxy.sk_msg_bypass` (default), sockops also puts both ends of each local hop (app <->
-//! :15001, 127.0.0.6 <-> workload) into a sockhash whose sk_msg program moves bytes socket to
-//! socket. meshd's own ends are seen by sockops attached to meshd's own cgroup, with a link that
-//! is not pinned: it goes when meshd exits.
+//! Workloads with `sk_msg_bypass` (per workload, default `proxy.sk_msg_bypass`, off) get the
+//! sockops variant that also puts both ends of each local hop (app <-> :15001, 127.0.0.6 <->
+//! workload) into a sockhash whose sk_msg program moves bytes socket to socket. meshd's own ends
+//! are seen by that variant attached to meshd's own cgroup, with a link that is not pinned: it
+//! goes when meshd exits.
 
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -35,7 +36,9 @@ use crate::config::Validated;
 pub struct EbpfInterception {
     /// Keeps the programs and maps loaded for as long as meshd runs.
     _bpf: Mutex<Ebpf>,
-    by_tuple: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    by_tuple: HashMap<MapData, SockKey, OrigDst>,
+    /// The same map, for BPF_MAP_LOOKUP_AND_DELETE_ELEM (aya does not offer it on hash maps).
+    by_tuple_fd: OwnedFd,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     links: Mutex<Vec<PinnedLink>>,
@@ -76,25 +79,24 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     let pin_dir = cfg.proxy.pin_dir.clone();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {}", pin_dir.display()))?;
     let mut bpf = super::load_object().context("load meshd's eBPF object")?;
-    program::<SockOps>(&mut bpf, names::PROG_SOCKOPS)?
-        .load()
-        .context("load sockops")?;
-    let bypass = if cfg.proxy.sk_msg_bypass {
+    for prog in [names::PROG_SOCKOPS, names::PROG_SOCKOPS_BYPASS] {
+        program::<SockOps>(&mut bpf, prog)?
+            .load()
+            .with_context(|| format!("load {prog}"))?;
+    }
+    let wanted = cfg.workloads.iter().any(|w| w.sk_msg_bypass);
+    let bypass = if wanted {
         enable_bypass(&mut bpf, cfg).unwrap_or_else(|e| Bypass::Off(format!("{e:#}")))
     } else {
-        Bypass::Off("proxy.sk_msg_bypass is false".into())
+        Bypass::Off("no workload has sk_msg_bypass".into())
     };
     if let Bypass::Off(why) = &bypass {
-        if cfg.proxy.sk_msg_bypass {
+        if wanted {
             tracing::warn!(reason = %why, "sk_msg loopback bypass off");
         }
     }
-    fill_settings(
-        &mut bpf,
-        cfg,
-        inbound_listener,
-        matches!(bypass, Bypass::On(_)),
-    )?;
+    let bypass_on = matches!(bypass, Bypass::On(_));
+    fill_settings(&mut bpf, cfg, inbound_listener, bypass_on)?;
     let mut links = Vec::new();
     let mut pin = |link: FdLink, name: String| -> Result<()> {
         let path = pin_dir.join(name);
@@ -120,8 +122,13 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
             )?;
         }
     }
-    let sockops: &mut SockOps = program(&mut bpf, names::PROG_SOCKOPS)?;
     for w in &cfg.workloads {
+        let prog = if bypass_on && w.sk_msg_bypass {
+            names::PROG_SOCKOPS_BYPASS
+        } else {
+            names::PROG_SOCKOPS
+        };
+        let sockops: &mut SockOps = program(&mut bpf, prog)?;
         let link = sockops.attach_link(cgroup_fd(&w.cgroup_path)?)?;
         pin(link, format!("{}_sockops", w.name))?;
     }
@@ -136,12 +143,20 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         "netns_sk_lookup".into(),
     )?;
 
-    let by_tuple = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_TUPLE)?)?;
+    let by_tuple_map = take_map(&mut bpf, names::MAP_ORIG_DST_BY_TUPLE)?;
+    let by_tuple_fd = match &by_tuple_map {
+        aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
+            data.fd().as_fd().try_clone_to_owned()?
+        }
+        other => anyhow::bail!("{} is a {other:?}", names::MAP_ORIG_DST_BY_TUPLE),
+    };
+    let by_tuple = HashMap::try_from(by_tuple_map)?;
     let by_cookie = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_COOKIE)?)?;
     let counters = PerCpuArray::try_from(take_map(&mut bpf, names::MAP_COUNTERS)?)?;
     Ok(EbpfInterception {
         _bpf: Mutex::new(bpf),
-        by_tuple: Mutex::new(by_tuple),
+        by_tuple,
+        by_tuple_fd,
         by_cookie,
         counters,
         links: Mutex::new(links),
@@ -167,14 +182,19 @@ fn enable_bypass(bpf: &mut Ebpf, cfg: &Validated) -> Result<Bypass> {
     msg.attach(&hash_fd)
         .context("attach sk_msg to the bypass sockhash")?;
     let same = |p: &Path| std::fs::canonicalize(p).ok();
-    if cfg
+    if let Some(w) = cfg
         .workloads
         .iter()
-        .any(|w| same(&w.cgroup_path) == same(&own))
+        .find(|w| same(&w.cgroup_path) == same(&own))
     {
-        return Ok(Bypass::On(None));
+        // That workload's sockops is already attached to meshd's cgroup.
+        return Ok(if w.sk_msg_bypass {
+            Bypass::On(None)
+        } else {
+            Bypass::Off(format!("meshd runs in workload {}'s cgroup", w.name))
+        });
     }
-    let sockops: &mut SockOps = program(bpf, names::PROG_SOCKOPS)?;
+    let sockops: &mut SockOps = program(bpf, names::PROG_SOCKOPS_BYPASS)?;
     let link = sockops
         .attach_link(cgroup_fd(&own)?)
         .with_context(|| format!("attach sockops to meshd's cgroup {}", own.display()))?;
@@ -290,11 +310,9 @@ impl Interception for EbpfInterception {
             port: app.port(),
             _pad: 0,
         };
-        let mut map = self.by_tuple.lock().unwrap_or_else(|p| p.into_inner());
-        let record = map.get(&key, 0).map_err(|_| OriginError::NoRecord(peer))?;
         // Read once: the entry goes now rather than waiting for LRU eviction.
-        let _ = map.remove(&key);
-        drop(map);
+        let record: OrigDst = crate::sys::bpf_map_take(self.by_tuple_fd.as_fd(), &key)
+            .map_err(|_| OriginError::NoRecord(peer))?;
         let ip = Ipv4Addr::from(record.ip.to_ne_bytes());
         Ok(Origin {
             dst: SocketAddrV4::new(ip, record.port),
@@ -308,7 +326,7 @@ impl Interception for EbpfInterception {
     }
 
     fn map_entries(&self) -> Vec<(&'static str, u64)> {
-        let tuple = self.by_tuple.lock().map(|m| m.keys().count()).unwrap_or(0);
+        let tuple = self.by_tuple.keys().count();
         let cookie = self.by_cookie.keys().count();
         vec![
             (names::MAP_ORIG_DST_BY_COOKIE, cookie as u64),
