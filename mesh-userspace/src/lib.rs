@@ -9,6 +9,7 @@ pub mod config;
 pub mod doctor;
 pub mod identity;
 pub mod intercept;
+pub mod logbuf;
 pub mod metrics;
 pub mod proxy;
 pub mod sys;

@@ -9,7 +9,7 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(meshd::logbuf::Stderr::start())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
         Command::Ca(command) => cli::ca(command),
         Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
     };
+    meshd::logbuf::flush();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -167,7 +167,7 @@ impl Access {
                 .inc_by(n);
         }
         tracing::info!(
-            target: "access",
+            target: crate::logbuf::ACCESS_TARGET,
             direction = %self.labels.direction,
             mode = %self.labels.mode,
             transport = %self.labels.transport,
