@@ -3,6 +3,7 @@
 //! is the README's main job (`meshd doctor` and a two-node mesh on test hosts).
 
 mod cmd;
+mod profile;
 mod setup;
 
 use anyhow::Result;
@@ -34,6 +35,17 @@ enum Task {
         #[arg(long)]
         short: bool,
     },
+    /// Profile meshd under one benchmark path and scenario: perf samples, a flame graph
+    /// (bench/flamegraph-PATH-SCENARIO.svg) and the top of the profile (bench/profile-*.txt).
+    Profile {
+        #[arg(long, default_value = "meshd-ebpf")]
+        path: String,
+        #[arg(long, default_value = "keep-alive")]
+        scenario: String,
+        /// Seconds of sampling (the scenario runs 10 s a round, 2 rounds).
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
     /// Set up, build, and run the main job: `meshd doctor`, then a two-node mesh on test hosts.
     Demo {
         /// Interception mode for the demo's meshd instances.
@@ -52,6 +64,18 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo { mode } => demo(&mode),
         Task::Bench { short } => bench(short),
+        Task::Profile {
+            path,
+            scenario,
+            seconds,
+        } => {
+            build_release_bins()?;
+            profile::run(&profile::Request {
+                path: &path,
+                scenario: &scenario,
+                seconds,
+            })
+        }
     }
 }
 

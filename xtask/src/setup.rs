@@ -35,6 +35,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "the benchmark's HTTP server"),
     ("stunnel4", "the benchmark's stunnel mTLS pair"),
     ("haproxy", "the benchmark's HAProxy mTLS pair"),
+    ("linux-perf", "cargo xtask profile samples meshd with perf"),
 ];
 
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.
