@@ -61,7 +61,10 @@ const KERNEL_EVENTS: [(&str, u32); 6] = [
 enum Bypass {
     Off(String),
     /// sockops on meshd's own cgroup (`None` when that is a workload cgroup, already covered).
-    On(#[allow(dead_code)] Option<FdLink>),
+    On {
+        /// Held, never read: dropping it detaches the program.
+        _own_link: Option<FdLink>,
+    },
 }
 
 /// Loads, configures and attaches everything; `inbound_listener` is the :15006 socket that
@@ -95,7 +98,7 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
             tracing::warn!(reason = %why, "sk_msg loopback bypass off");
         }
     }
-    let bypass_on = matches!(bypass, Bypass::On(_));
+    let bypass_on = matches!(bypass, Bypass::On { .. });
     fill_settings(&mut bpf, cfg, inbound_listener, bypass_on)?;
     let mut links = Vec::new();
     let mut pin = |link: FdLink, name: String| -> Result<()> {
@@ -189,7 +192,7 @@ fn enable_bypass(bpf: &mut Ebpf, cfg: &Validated) -> Result<Bypass> {
     {
         // That workload's sockops is already attached to meshd's cgroup.
         return Ok(if w.sk_msg_bypass {
-            Bypass::On(None)
+            Bypass::On { _own_link: None }
         } else {
             Bypass::Off(format!("meshd runs in workload {}'s cgroup", w.name))
         });
@@ -198,7 +201,9 @@ fn enable_bypass(bpf: &mut Ebpf, cfg: &Validated) -> Result<Bypass> {
     let link = sockops
         .attach_link(cgroup_fd(&own)?)
         .with_context(|| format!("attach sockops to meshd's cgroup {}", own.display()))?;
-    Ok(Bypass::On(Some(link)))
+    Ok(Bypass::On {
+        _own_link: Some(link),
+    })
 }
 
 /// Attaching to a workload cgroup as a bpf link the caller owns (and pins).
@@ -357,7 +362,7 @@ impl Interception for EbpfInterception {
             .collect::<Vec<_>>()
             .join(" ");
         let bypass = match &self.bypass {
-            Bypass::On(_) => "on".to_string(),
+            Bypass::On { .. } => "on".to_string(),
             Bypass::Off(why) => format!("off ({why})"),
         };
         format!(
