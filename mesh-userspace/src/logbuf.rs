@@ -54,15 +54,17 @@ impl Stderr {
     }
 }
 
-/// One event's writer: gathers the formatted event, then queues or writes it when dropped.
+/// One event's writer: appends the formatted event (tracing-subscriber writes it in one piece)
+/// to the pending lines, which it holds locked, and writes them out when dropped unless the
+/// event is an access line and the batch is not full.
 pub struct EventWriter {
-    line: Vec<u8>,
+    pending: std::sync::MutexGuard<'static, Vec<u8>>,
     batched: bool,
 }
 
 impl Write for EventWriter {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.line.extend_from_slice(bytes);
+        self.pending.extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -73,10 +75,8 @@ impl Write for EventWriter {
 
 impl Drop for EventWriter {
     fn drop(&mut self) {
-        let mut buf = pending();
-        buf.extend_from_slice(&self.line);
-        if !self.batched || buf.len() >= BATCH_BYTES {
-            write_out(&mut buf);
+        if !self.batched || self.pending.len() >= BATCH_BYTES {
+            write_out(&mut self.pending);
         }
     }
 }
@@ -86,14 +86,14 @@ impl<'a> MakeWriter<'a> for Stderr {
 
     fn make_writer(&'a self) -> EventWriter {
         EventWriter {
-            line: Vec::new(),
+            pending: pending(),
             batched: false,
         }
     }
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> EventWriter {
         EventWriter {
-            line: Vec::with_capacity(256),
+            pending: pending(),
             batched: meta.target() == ACCESS_TARGET,
         }
     }

@@ -14,7 +14,7 @@ mod net;
 mod process;
 
 pub use footprint::Footprint;
-pub use mesh::{start_checkout_orders, MeshCa, Meshd, WorkloadSpec};
+pub use mesh::{start_checkout_orders, start_checkout_orders_with, MeshCa, Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};
 pub use process::Process;
 
@@ -77,4 +77,13 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `bpftool ARGS` output (what tests read to see which programs are attached).
+pub fn bpftool(args: &[&str]) -> String {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool (cargo xtask setup)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

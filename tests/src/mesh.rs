@@ -177,6 +177,18 @@ pub fn start_checkout_orders(
     mode: &str,
     ttl: &str,
 ) -> Result<(Meshd, Meshd)> {
+    start_checkout_orders_with(net, ca, mode, ttl, "")
+}
+
+/// Like [`start_checkout_orders`], with `proxy_extra` YAML lines added to both meshd's `proxy:`
+/// section (e.g. `"  sk_msg_bypass: true\n"`).
+pub fn start_checkout_orders_with(
+    net: &TestNet,
+    ca: &MeshCa,
+    mode: &str,
+    ttl: &str,
+    proxy_extra: &str,
+) -> Result<(Meshd, Meshd)> {
     let client = [WorkloadSpec {
         name: "checkout",
         ports: &[],
@@ -185,8 +197,9 @@ pub fn start_checkout_orders(
         name: "orders",
         ports: &[7000],
     }];
-    let a = net.start_meshd_with(0, mode, &client, &ca.config(0, ttl, &[]))?;
-    let b = net.start_meshd_with(1, mode, &server, &ca.config(1, ttl, &[]))?;
+    let config = |node| format!("{proxy_extra}{}", ca.config(node, ttl, &[]));
+    let a = net.start_meshd_with(0, mode, &client, &config(0))?;
+    let b = net.start_meshd_with(1, mode, &server, &config(1))?;
     Ok((a, b))
 }
 

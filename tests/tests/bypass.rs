@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use testhosts::{require_privileges, sibling_binary, MeshCa, Meshd, TestNet, WorkloadSpec};
+use testhosts::{
+    bpftool, require_privileges, sibling_binary, start_checkout_orders, start_checkout_orders_with,
+    MeshCa, Meshd, TestNet, WorkloadSpec,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -24,21 +27,8 @@ fn bypass_carries_bytes_intact_and_in_order_across_the_mesh() {
     let net = TestNet::new(2).unwrap();
     let ca = MeshCa::new(&net).unwrap();
     let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-    let config = |node| format!("  sk_msg_bypass: true\n{}", ca.config(node, "24h", &[]));
-    let client = [WorkloadSpec {
-        name: "checkout",
-        ports: &[],
-    }];
-    let server = [WorkloadSpec {
-        name: "orders",
-        ports: &[7000],
-    }];
-    let a = net
-        .start_meshd_with(0, "ebpf", &client, &config(0))
-        .unwrap();
-    let b = net
-        .start_meshd_with(1, "ebpf", &server, &config(1))
-        .unwrap();
+    let (a, b) =
+        start_checkout_orders_with(&net, &ca, "ebpf", "24h", "  sk_msg_bypass: true\n").unwrap();
     let target = format!("{}:7000", net.node(1).addr);
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let mut connections = 0;
@@ -87,11 +77,7 @@ fn bypass_carries_bytes_intact_and_in_order_across_the_mesh() {
 }
 
 fn attached(cgroup: &std::path::Path) -> String {
-    let out = std::process::Command::new("bpftool")
-        .args(["cgroup", "show", cgroup.to_str().unwrap()])
-        .output()
-        .expect("bpftool (cargo xtask setup)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    bpftool(&["cgroup", "show", cgroup.to_str().unwrap()])
 }
 
 /// Per workload: an event-driven workload opts in while a workload with blocking threads (the
@@ -153,7 +139,7 @@ fn without_the_switch_no_socket_enters_the_bypass() {
     let net = TestNet::new(2).unwrap();
     let ca = MeshCa::new(&net).unwrap();
     let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-    let (a, _b) = testhosts::start_checkout_orders(&net, &ca, "ebpf", "24h").unwrap();
+    let (a, _b) = start_checkout_orders(&net, &ca, "ebpf", "24h").unwrap();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let target = format!("{}:7000", net.node(1).addr);
     let argv = [tool.as_str(), "client", &target, "1000", "8"];

@@ -5,7 +5,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use testhosts::{meshd_bin, require_privileges, Meshd, TestNet, WorkloadSpec};
+use testhosts::{bpftool, meshd_bin, require_privileges, Meshd, TestNet, WorkloadSpec};
 
 const WAIT: Duration = Duration::from_secs(30);
 const MODES: [&str; 2] = ["ebpf", "iptables"];
@@ -42,14 +42,6 @@ fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
         left.push(format!("iptables rules: {nat}"));
     }
     left
-}
-
-fn bpftool(args: &[&str]) -> String {
-    let out = Command::new("bpftool")
-        .args(args)
-        .output()
-        .expect("bpftool (cargo xtask setup)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -100,7 +100,8 @@ fn payload(len: usize, seed: usize) -> Vec<u8> {
         .collect()
 }
 
-/// One echoed connection: sends the bytes, half-closes, returns (peer address, bytes read back).
+/// One echoed connection: sends the bytes, half-closes, reads the echo; returns (peer address,
+/// bytes sent, bytes read back).
 type OneConnection = fn(&str, Vec<u8>) -> Result<(String, Vec<u8>, Vec<u8>), String>;
 
 fn client(
