@@ -54,6 +54,9 @@ pub struct RuleSpec {
     pub excluded_cidrs: Vec<String>,
     /// Workload ports whose new inbound connections are captured.
     pub inbound_ports: Vec<u16>,
+    /// Capture every inbound TCP port except meshd's own (a pod's namespace, where everything
+    /// that arrives is for the pod), instead of `inbound_ports`.
+    pub inbound_all_ports: bool,
     /// Source of meshd's deliveries to local workloads, never captured again.
     pub delivery_source: Ipv4Addr,
 }
@@ -91,6 +94,13 @@ impl RuleSpec {
         ));
         let src = self.delivery_source;
         out.push(("MESH_INBOUND", format!("-s {src}/32 -j RETURN")));
+        if self.inbound_all_ports {
+            for group in port_groups(&self.proxy_ports) {
+                let rule = format!("-p tcp -m multiport --dports {group} -j RETURN");
+                out.push(("MESH_INBOUND", rule));
+            }
+            out.push(("MESH_INBOUND", "-p tcp -j MESH_IN_REDIRECT".into()));
+        }
         for group in port_groups(&self.inbound_ports) {
             let rule = format!("-p tcp -m multiport --dports {group} -j MESH_IN_REDIRECT");
             out.push(("MESH_INBOUND", rule));
@@ -150,17 +160,39 @@ fn removal_lines(old_jumps: &[String], old_chains: &[&str]) -> String {
     t
 }
 
-/// meshd's rules in the nat table of the current network namespace.
-#[derive(Debug, Clone, Copy)]
+/// meshd's rules in the nat table of the current network namespace, or of the namespace at
+/// `netns` (a pod's: commands run through `nsenter --net`).
+#[derive(Debug, Clone)]
 pub struct Iptables {
     pub backend: Backend,
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl Iptables {
     pub fn detect() -> Result<Iptables, crate::BackendError> {
         Ok(Iptables {
             backend: Backend::detect()?,
+            netns: None,
         })
+    }
+
+    /// The same backend, working in the network namespace at `path`.
+    pub fn in_netns(&self, path: &std::path::Path) -> Iptables {
+        Iptables {
+            backend: self.backend,
+            netns: Some(path.to_path_buf()),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(program);
+                c
+            }
+        }
     }
 
     /// Installs the rule set, replacing any earlier copy, in one transaction, then verifies it.
@@ -215,7 +247,8 @@ impl Iptables {
 
     fn save(&self) -> Result<String, Error> {
         let command = format!("{} -t nat", self.backend.save());
-        let out = Command::new(self.backend.save())
+        let out = self
+            .command(self.backend.save())
             .args(["-t", "nat"])
             .output()
             .map_err(|source| Error::Spawn {
@@ -235,7 +268,8 @@ impl Iptables {
             command: command.clone(),
             source,
         };
-        let mut child = Command::new(self.backend.restore())
+        let mut child = self
+            .command(self.backend.restore())
             .args(["--noflush", "--wait", "10"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -295,6 +329,7 @@ mod tests {
             excluded_ports: vec![22],
             excluded_cidrs: vec!["10.0.0.0/8".into()],
             inbound_ports: vec![8080, 9090],
+            inbound_all_ports: false,
             delivery_source: Ipv4Addr::new(127, 0, 0, 6),
         }
     }

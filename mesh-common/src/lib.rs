@@ -53,12 +53,19 @@ pub mod names {
     pub const MAP_BYPASS_SOCKETS: &str = "BYPASS_SOCKETS";
     pub const MAP_BYPASS_TCP_ONLY: &str = "BYPASS_TCP_ONLY";
     pub const PROG_SK_MSG: &str = "mesh_sk_msg";
+    pub const PROG_CONNECT4_PODS: &str = "mesh_connect4_pods";
+    pub const PROG_CONNECT6_PODS: &str = "mesh_connect6_pods";
+    pub const PROG_SK_LOOKUP_PODS: &str = "mesh_sk_lookup_pods";
+    pub const MAP_POD_NETNS: &str = "POD_NETNS";
+    pub const MAP_POD_LISTENERS: &str = "POD_LISTENERS";
 }
 
 /// Capacity of the original-destination maps (LRU: the oldest entries go first when full).
 pub const ORIG_DST_MAP_ENTRIES: u32 = 65_536;
 /// Capacity of the exclusion maps.
 pub const EXCLUSION_MAP_ENTRIES: u32 = 256;
+/// Capacity of the per-pod maps (pods meshd serves on one node).
+pub const POD_MAP_ENTRIES: u32 = 4_096;
 /// Capacity of the loopback-bypass socket map: two sockets per proxied local hop. A socket that
 /// finds it full simply keeps using TCP.
 pub const BYPASS_MAP_ENTRIES: u32 = 65_536;
@@ -94,14 +101,27 @@ pub struct OrigDst {
     pub cgroup_id: u64,
 }
 
+/// Per pod in ebpf mode: what the pod-side programs need to know about a pod's network
+/// namespace, by its cookie. Present = the pod is in the mesh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodNetns {
+    /// The pod's IPv4 address (network byte order).
+    pub ip: u32,
+    pub _pad: u32,
+}
+
 /// The application end of a steered loopback connection: what meshd's `accept()` reports as the
-/// peer. IP in network byte order, port in host byte order.
+/// peer, in the network namespace the connection lives in (every pod has its own 127.0.0.1, so
+/// the same ip:port can be open in two pods at once). IP in network byte order, port in host
+/// byte order, `netns` the namespace's cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
     pub ip: u32,
     pub port: u16,
     pub _pad: u16,
+    pub netns: u64,
 }
 
 /// One end of a local TCP connection as the socket itself sees it, in the form both sockops and
@@ -114,6 +134,8 @@ pub struct SockTuple {
     pub remote_ip: u32,
     pub local_port: u32,
     pub remote_port: u32,
+    /// The connection's network namespace cookie: loopback tuples repeat across pods.
+    pub netns: u64,
 }
 
 impl SockTuple {
@@ -124,6 +146,7 @@ impl SockTuple {
             remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            netns: self.netns,
         }
     }
 }
@@ -155,4 +178,5 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::PodNetns {}
 }

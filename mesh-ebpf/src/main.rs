@@ -10,6 +10,13 @@
 //!   addresses; native IPv6 is left alone.
 //! - `mesh_getpeername4`/`6` (cgroup/getpeername4/6): the application sees its original peer.
 //! - `mesh_sk_lookup` (sk_lookup): new inbound connections to captured ports go to :15006.
+//! - Pods (each in its own network namespace, served by meshd from inside it):
+//!   `mesh_connect4_pods`/`6` sit on the container runtime's pod cgroup parent and steer only
+//!   sockets whose network namespace is a meshed pod's (`POD_NETNS`, keyed by netns cookie), to
+//!   that pod's own 127.0.0.1:15001; `mesh_sk_lookup_pods` (attached to each pod's namespace)
+//!   hands every new inbound connection to the pod's address to the pod's :15006
+//!   (`POD_LISTENERS`, keyed by the pod's IP). Record keys carry the netns cookie, since every
+//!   pod has its own 127.0.0.1.
 //! - `mesh_sk_msg` (sk_msg on `BYPASS_SOCKETS`): the loopback hops between applications and
 //!   meshd (app <-> :15001, meshd's 127.0.0.6 deliveries <-> workload) skip the TCP stack:
 //!   `mesh_sockops_bypass` (on opted-in workload cgroups and meshd's own) puts both ends in the
@@ -24,15 +31,18 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use mesh_common::{
-    counters, ports, MeshConfig, OrigDst, SockKey, SockTuple, BYPASS_MAP_ENTRIES,
-    DELIVERY_SOURCE_IP, EXCLUSION_MAP_ENTRIES, ORIG_DST_MAP_ENTRIES,
+    counters, ports, MeshConfig, OrigDst, PodNetns, SockKey, SockTuple, BYPASS_MAP_ENTRIES,
+    DELIVERY_SOURCE_IP, EXCLUSION_MAP_ENTRIES, ORIG_DST_MAP_ENTRIES, POD_MAP_ENTRIES,
 };
 
 const AF_INET: u32 = 2;
@@ -73,6 +83,12 @@ static BYPASS_SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(BYPASS_M
 #[map]
 static BYPASS_TCP_ONLY: LruHashMap<SockTuple, u8> =
     LruHashMap::with_max_entries(BYPASS_MAP_ENTRIES, 0);
+/// Meshed pods' network namespaces, by netns cookie.
+#[map]
+static POD_NETNS: HashMap<u64, PodNetns> = HashMap::with_max_entries(POD_MAP_ENTRIES, 0);
+/// Each meshed pod's :15006 listening socket, by the pod's IPv4 address (network byte order).
+#[map]
+static POD_LISTENERS: SockHash<u32> = SockHash::with_max_entries(POD_MAP_ENTRIES, 0);
 #[map]
 static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
@@ -86,9 +102,39 @@ fn count(index: u32) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect4(&ctx)
+}
+
+/// On the runtime's pod cgroup parent: only sockets in a meshed pod's namespace are steered
+/// (to the pod's own loopback, where meshd listens from inside the pod).
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4_pods(ctx: SockAddrContext) -> i32 {
+    if !in_meshed_pod(ctx.as_ptr()) {
+        return ALLOW;
+    }
+    connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6_pods(ctx: SockAddrContext) -> i32 {
+    if !in_meshed_pod(ctx.as_ptr()) {
+        return ALLOW;
+    }
+    connect6(&ctx)
+}
+
+#[inline(always)]
+fn in_meshed_pod(ctx: *mut core::ffi::c_void) -> bool {
+    // SAFETY: helper on the program's own context; map lookup with a plain-data key.
+    let netns = unsafe { bpf_get_netns_cookie(ctx) };
+    unsafe { POD_NETNS.get(&netns) }.is_some()
+}
+
+#[inline(always)]
+fn connect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    match steer(&ctx, sa, sa.user_ip4) {
+    match steer(ctx, sa, sa.user_ip4) {
         Steer::Leave => ALLOW,
         Steer::Reject => REJECT,
         Steer::ToProxy(port) => {
@@ -103,13 +149,18 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 /// like connect4's; native IPv6 destinations are left alone (not meshed yet).
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect6(&ctx)
+}
+
+#[inline(always)]
+fn connect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip6 = sa.user_ip6;
     if !is_v4_mapped(ip6) {
         return ALLOW;
     }
-    match steer(&ctx, sa, ip6[3]) {
+    match steer(ctx, sa, ip6[3]) {
         Steer::Leave => ALLOW,
         Steer::Reject => REJECT,
         Steer::ToProxy(port) => {
@@ -239,6 +290,8 @@ fn rekey_established(ctx: &SockOpsContext) {
         ip: ctx.local_ip4(),
         port: ctx.local_port() as u16,
         _pad: 0,
+        // SAFETY: helper on the program's own context.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     if ORIG_DST_BY_TUPLE.insert(key, orig, 0).is_ok() {
         count(counters::REKEYED);
@@ -291,6 +344,8 @@ fn ops_tuple(ctx: &SockOpsContext) -> SockTuple {
         remote_ip: ops.remote_ip4,
         local_port: ops.local_port,
         remote_port: remote_port(ops.remote_port),
+        // SAFETY: helper on the program's own context.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     }
 }
 
@@ -314,6 +369,8 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
         remote_ip: md.remote_ip4,
         local_port: md.local_port,
         remote_port: remote_port(md.remote_port),
+        // SAFETY: helper on the program's own context.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     };
     // SAFETY: map lookup with a plain-data key.
     if unsafe { BYPASS_TCP_ONLY.get(own) }.is_some() {
@@ -378,6 +435,31 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     if INBOUND_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_ok() {
+        count(counters::INBOUND_CAPTURED);
+    }
+    SK_PASS
+}
+
+/// Attached to each meshed pod's network namespace: every new inbound TCP connection to the
+/// pod's address, except to meshd's own ports (:15008 HBONE among them) and meshd's deliveries
+/// from 127.0.0.6, goes to the pod's :15006 (STRICT refuses it there, PERMISSIVE forwards it).
+#[sk_lookup]
+pub fn mesh_sk_lookup_pods(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands a valid bpf_sk_lookup.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.family != AF_INET || lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if u32::from_be(lk.remote_ip4) == DELIVERY_SOURCE_IP
+        || ports::ALL.contains(&(lk.local_port as u16))
+    {
+        return SK_PASS;
+    }
+    let mut pod_ip = lk.local_ip4;
+    if POD_LISTENERS
+        .redirect_sk_lookup(&ctx, &mut pod_ip, 0)
+        .is_ok()
+    {
         count(counters::INBOUND_CAPTURED);
     }
     SK_PASS

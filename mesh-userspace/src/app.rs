@@ -19,9 +19,11 @@ use crate::{
     admin::{self, Endpoint},
     config::{IdentitySettings, Validated},
     identity::{IdentityManager, IssuerFiles, SpiffeId},
+    inpod::manager::{PodIdentity, PodManager},
     intercept::{ebpf, iptables, Interception, Mode},
     metrics::Metrics,
-    proxy::{self, inbound, outbound, Context, Tunnels},
+    proxy::{self, inbound, outbound, Context, Scope, Tunnels},
+    registry::Registry,
     tls::{self, verify::TrustBundle},
     tunnel::{
         self,
@@ -42,6 +44,7 @@ fn listen(ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
 }
 
 pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
+    crate::inpod::netns::remember_home().context("open meshd's own network namespace")?;
     match crate::sys::reserve_ports(&ports::ALL) {
         Ok(list) => tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reserve meshd's ports"),
@@ -55,12 +58,12 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
-    let (tunnels, hbone_tls) = match &cfg.identity {
+    let (tunnels, hbone_tls, pod_identity) = match &cfg.identity {
         Some(identity) => {
-            let (tunnels, tls) = start_identity(identity, &cfg, &metrics)?;
-            (Some(tunnels), Some(tls))
+            let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics)?;
+            (Some(tunnels), Some(tls), Some(pods))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
 
     let interception: Arc<dyn Interception> = match mode {
@@ -83,7 +86,22 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         egress: cfg.mesh.egress,
         tunnels,
         local_addrs: Default::default(),
+        registry: Arc::new(Registry::new(cfg.mesh.identities.clone())),
     });
+    let cni = match &cfg.pods {
+        Some(pods) => {
+            let manager = Arc::new(PodManager::new(
+                ctx.clone(),
+                pod_identity,
+                pods.settings.clone(),
+            ));
+            // Pods recorded by an earlier meshd are served again before anything new is taken.
+            manager.readopt().await?;
+            let socket = crate::inpod::server::bind(&pods.settings.cni_socket)?;
+            Some((socket, manager))
+        }
+        None => None,
+    };
     // Start-up (the capability probe, loading and verifying programs, parsing certificates)
     // frees more than it keeps; hand those pages back so the resident size is what serving needs.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -93,8 +111,9 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         "meshd ready");
 
     let served = tokio::select! {
-        _ = proxy::accept_loop(outbound_listener, ctx.clone(), outbound::handle) => Ok(()),
-        _ = proxy::accept_loop(inbound_listener, ctx.clone(), inbound::handle) => Ok(()),
+        _ = proxy::accept_loop(outbound_listener, ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
+        _ = proxy::accept_loop(inbound_listener, ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
+        _ = serve_cni(cni) => Ok(()),
         _ = admin::serve(
             metrics_listener,
             Endpoint::Metrics(metrics.clone(), interception.clone()),
@@ -116,7 +135,7 @@ fn start_identity(
     settings: &IdentitySettings,
     cfg: &Validated,
     metrics: &Arc<Metrics>,
-) -> Result<(Tunnels, Arc<rustls::ServerConfig>)> {
+) -> Result<(Tunnels, Arc<rustls::ServerConfig>, PodIdentity)> {
     let td = &settings.trust_domain;
     let mut workload_ids = Vec::new();
     for w in &cfg.workloads {
@@ -131,7 +150,12 @@ fn start_identity(
         cert: settings.node_cert.clone(),
         key: settings.node_key.clone(),
     };
-    let manager = IdentityManager::start(issuer, settings.svid_ttl, ids, metrics.clone())?;
+    let manager = Arc::new(IdentityManager::start(
+        issuer,
+        settings.svid_ttl,
+        ids,
+        metrics.clone(),
+    )?);
     let bundle = Arc::new(TrustBundle::load(
         td,
         &settings.trust_bundle,
@@ -140,16 +164,30 @@ fn start_identity(
     let mut clients = HashMap::new();
     for (name, id) in workload_ids {
         let svid = manager.watch(&id).expect("minted above");
-        let config = tls::config::client_config(bundle.clone(), svid.clone(), None)?;
-        clients.insert(name, Arc::new(ClientIdentity { id, config, svid }));
+        clients.insert(
+            name,
+            Arc::new(ClientIdentity::new(id, svid, bundle.clone())),
+        );
     }
     let node_svid = manager.watch(&settings.node_id).expect("minted above");
-    let server = tls::config::server_config(bundle, node_svid)?;
+    let server = tls::config::server_config(bundle.clone(), node_svid)?;
     let tunnels = Tunnels {
-        pool: Pool::new(cfg.proxy.mark, metrics.clone()),
+        pool: Pool::new(cfg.proxy.mark, metrics.clone(), None),
         clients,
     };
-    Ok((tunnels, server))
+    let pods = PodIdentity {
+        manager,
+        bundle,
+        trust_domain: td.clone(),
+    };
+    Ok((tunnels, server, pods))
+}
+
+async fn serve_cni(cni: Option<(tokio::net::UnixListener, Arc<PodManager>)>) {
+    match cni {
+        Some((socket, manager)) => crate::inpod::server::serve(socket, manager).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn serve_hbone(
@@ -158,7 +196,9 @@ async fn serve_hbone(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     match (listener, tls) {
-        (Some(listener), Some(tls)) => tunnel::server::serve(listener, ctx, tls).await,
+        (Some(listener), Some(tls)) => {
+            tunnel::server::serve(listener, ctx, tls, Scope::default()).await
+        }
         _ => std::future::pending().await,
     }
 }

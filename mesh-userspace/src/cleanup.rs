@@ -20,6 +20,28 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Removes meshd's pinned objects except the subdirectory `keep` (the pods' pins, which a
+/// restarting meshd takes over); returns what was removed.
+pub fn remove_pins_except(dir: &Path, keep: &str) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n == keep) {
+            continue;
+        }
+        if path.is_dir() {
+            removed.extend(remove_pins(&path)?);
+        } else {
+            std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let path = entry?.path();

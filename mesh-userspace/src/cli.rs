@@ -1,6 +1,6 @@
 //! The command line: `meshd run | doctor | cleanup`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -51,6 +51,26 @@ pub enum Command {
     /// The embedded certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Chain the `meshd-cni` plugin after the node's network plugin (its conflist in
+    /// CONF_DIR) and copy the plugin binary into BIN_DIR. Idempotent.
+    InstallCni {
+        /// The CNI configuration directory holding the node's conflist.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The CNI plugin binary directory.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// meshd's socket for the plugin (`pods.cni_socket`).
+        #[arg(long, default_value = "/run/meshd/cni.sock")]
+        socket: PathBuf,
+    },
+    /// Remove what `install-cni` added (the conflist entry and the plugin binary), nothing else.
+    UninstallCni {
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+    },
     /// Show the iptables rule set a configuration produces.
     Iptables {
         /// Print the rules instead of applying them (the only action for now).
@@ -158,6 +178,36 @@ pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[Strin
         .enable_all()
         .build()?
         .block_on(crate::app::run(mode, cfg))
+}
+
+/// `meshd install-cni`: the plugin binary is the `meshd-cni` installed beside meshd.
+pub fn install_cni(conf_dir: &Path, bin_dir: &Path, socket: &Path) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let plugin = exe.with_file_name(crate::inpod::cni::PLUGIN_TYPE);
+    if !plugin.exists() {
+        bail!("{} not found beside meshd", plugin.display());
+    }
+    let list = crate::inpod::cni_install::install(conf_dir, bin_dir, &plugin, socket)?;
+    println!(
+        "meshd-cni chained in {} (binary in {})",
+        list.display(),
+        bin_dir.display()
+    );
+    Ok(())
+}
+
+/// `meshd uninstall-cni`.
+pub fn uninstall_cni(conf_dir: &Path, bin_dir: &Path) -> Result<()> {
+    let removed = crate::inpod::cni_install::uninstall(conf_dir, bin_dir)?;
+    println!(
+        "meshd-cni {}",
+        if removed {
+            "removed"
+        } else {
+            "was not installed"
+        }
+    );
+    Ok(())
 }
 
 /// `meshd iptables --dry-run`: the `iptables-restore` input for this configuration.

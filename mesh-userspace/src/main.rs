@@ -17,6 +17,12 @@ fn main() -> std::process::ExitCode {
         Command::Cleanup { pin_dir } => meshd::cleanup::run(pin_dir),
         Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
         Command::Ca(command) => cli::ca(command),
+        Command::InstallCni {
+            conf_dir,
+            bin_dir,
+            socket,
+        } => cli::install_cni(&conf_dir, &bin_dir, &socket),
+        Command::UninstallCni { conf_dir, bin_dir } => cli::uninstall_cni(&conf_dir, &bin_dir),
         Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
     };
     meshd::logbuf::flush();

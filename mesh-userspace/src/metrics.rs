@@ -87,6 +87,15 @@ pub struct Metrics {
     pub bpf_events: Family<EventLabels, Gauge>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub svid_renewals: Family<ResultLabels, Counter>,
+    pub server_identity: Family<ResultLabels, Counter>,
+    pub pod_events: Family<PodEventLabels, Counter>,
+    pub pods: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodEventLabels {
+    pub op: &'static str,
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -101,6 +110,9 @@ impl Default for Metrics {
             bpf_events: Family::default(),
             tls_handshakes: Family::default(),
             svid_renewals: Family::default(),
+            server_identity: Family::default(),
+            pod_events: Family::default(),
+            pods: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -140,6 +152,19 @@ impl Default for Metrics {
             "SVID renewals, by result",
             m.svid_renewals.clone(),
         );
+        registry.register(
+            "server_identity",
+            "Outbound tunnels by how the server's identity was checked: verified (against the \
+             identity expected at the destination) or unknown_destination_identity (trust \
+             domain only)",
+            m.server_identity.clone(),
+        );
+        registry.register(
+            "pod_events",
+            "Pod requests from the CNI plugin (add, del, check) and re-adoptions, by result",
+            m.pod_events.clone(),
+        );
+        registry.register("pods", "Pods meshd serves now", m.pods.clone());
         Metrics { registry, ..m }
     }
 }
@@ -154,6 +179,18 @@ impl Metrics {
     pub fn handshake(&self, direction: Direction, result: &'static str) {
         let labels = HandshakeLabels { direction, result };
         self.tls_handshakes.get_or_create(&labels).inc();
+    }
+
+    pub fn server_identity(&self, result: &'static str) {
+        self.server_identity
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn pod_event(&self, op: &'static str, result: &'static str) {
+        self.pod_events
+            .get_or_create(&PodEventLabels { op, result })
+            .inc();
     }
 
     pub fn svid_renewal(&self, result: &'static str) {

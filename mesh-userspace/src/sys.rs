@@ -256,6 +256,65 @@ pub fn bpf_map_take<K: aya::Pod, V: aya::Pod>(
     Ok(unsafe { value.assume_init() })
 }
 
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+fn bpf_syscall<A>(cmd: libc::c_long, attr: &A) -> Result<libc::c_long, std::io::Error> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the callers' repr(C) structs).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned BPF object (a link left by an earlier meshd) by its bpffs path.
+pub fn bpf_obj_get(path: &Path) -> Result<std::os::fd::OwnedFd, std::io::Error> {
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf_syscall(BPF_OBJ_GET, &attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// Swaps the program behind a link in one step (BPF_LINK_UPDATE): the hook never runs without
+/// a program, so a restarted meshd takes over an earlier one's links without a gap.
+pub fn bpf_link_update(link: BorrowedFd, program: BorrowedFd) -> Result<(), std::io::Error> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf_syscall(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

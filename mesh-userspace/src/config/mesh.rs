@@ -59,6 +59,18 @@ pub struct MeshNetworks {
     pub networks: Vec<String>,
     #[serde(default)]
     pub egress: Egress,
+    /// Known workload addresses and the identity that must answer there (the static source of
+    /// the registry: e.g. pods on other nodes). Tunnels to other addresses accept any SVID of
+    /// the trust domain.
+    #[serde(default)]
+    pub identities: Vec<KnownIdentity>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownIdentity {
+    pub address: std::net::Ipv4Addr,
+    pub spiffe_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -278,6 +290,7 @@ impl PeerAuth {
 pub struct MeshSettings {
     pub networks: Vec<Ipv4Cidr>,
     pub egress: Egress,
+    pub identities: std::collections::HashMap<std::net::Ipv4Addr, SpiffeId>,
 }
 
 impl MeshNetworks {
@@ -285,9 +298,21 @@ impl MeshNetworks {
         let networks = (self.networks.iter().enumerate())
             .map(|(i, c)| c.parse().map_err(|r| err(format!("mesh.networks[{i}]"), r)))
             .collect::<Result<Vec<Ipv4Cidr>, _>>()?;
+        let mut identities = std::collections::HashMap::new();
+        for (i, k) in self.identities.iter().enumerate() {
+            let id: SpiffeId = k
+                .spiffe_id
+                .parse()
+                .map_err(|e| err(format!("mesh.identities[{i}].spiffe_id"), format!("{e}")))?;
+            if identities.insert(k.address, id).is_some() {
+                let reason = format!("{} is listed twice", k.address);
+                return Err(err(format!("mesh.identities[{i}].address"), reason));
+            }
+        }
         Ok(MeshSettings {
             networks,
             egress: self.egress,
+            identities,
         })
     }
 }

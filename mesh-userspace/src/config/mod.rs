@@ -47,6 +47,38 @@ pub struct Config {
     pub mesh: mesh::MeshNetworks,
     #[serde(default)]
     pub peer_authentication: Vec<mesh::PeerAuthenticationDoc>,
+    /// Pods: workloads in their own network namespaces, announced by the `meshd-cni` plugin.
+    #[serde(default)]
+    pub pods: Option<PodSettings>,
+}
+
+/// How meshd serves pods (each in its own network namespace).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSettings {
+    /// The unix socket the CNI plugin (`meshd-cni`) talks to.
+    #[serde(default = "default_cni_socket")]
+    pub cni_socket: PathBuf,
+    /// Where meshd records the pods it serves, to re-adopt them after a restart.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// ebpf mode: the cgroup (relative to the cgroup v2 mount) below which the container
+    /// runtime puts pods, e.g. `kubepods.slice` or podman's `libpod_parent`. meshd attaches its
+    /// connect programs there once; they steer only sockets in the network namespace of a pod
+    /// meshd serves, so pods outside the mesh and host-network processes are untouched.
+    #[serde(default)]
+    pub cgroup_parent: Option<PathBuf>,
+    /// Namespaces whose pods stay outside the mesh (the CNI plugin lets them start untouched).
+    #[serde(default)]
+    pub excluded_namespaces: Vec<String>,
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from("/run/meshd/cni.sock")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/meshd")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +238,14 @@ pub struct Validated {
     pub identity: Option<IdentitySettings>,
     pub mesh: MeshSettings,
     pub peer_auth: PeerAuth,
+    pub pods: Option<ValidPods>,
+}
+
+/// [`PodSettings`] with the cgroup parent found on this machine.
+#[derive(Debug, Clone)]
+pub struct ValidPods {
+    pub settings: PodSettings,
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 impl Validated {
@@ -289,8 +329,50 @@ impl Config {
             identity,
             mesh,
             peer_auth: mesh::PeerAuth::from_docs(&self.peer_authentication)?,
+            pods: self.pods.map(|p| p.validate(cgroup_root)).transpose()?,
         })
     }
+}
+
+impl PodSettings {
+    fn validate(self, cgroup_root: &Path) -> Result<ValidPods, ConfigError> {
+        let cgroup_parent = match &self.cgroup_parent {
+            None => None,
+            Some(parent) => Some(cgroup_dir(cgroup_root, parent, "pods.cgroup_parent")?.0),
+        };
+        Ok(ValidPods {
+            settings: self,
+            cgroup_parent,
+        })
+    }
+}
+
+/// A cgroup v2 directory below the root (never the root itself), with its metadata.
+fn cgroup_dir(
+    cgroup_root: &Path,
+    cgroup: &Path,
+    field: &str,
+) -> Result<(PathBuf, std::fs::Metadata), ConfigError> {
+    let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
+    if relative.as_os_str().is_empty() {
+        return Err(err(
+            field,
+            "is the cgroup root: meshd attaches only to workload cgroups below it",
+        ));
+    }
+    if relative.components().any(|c| c.as_os_str() == "..") {
+        return Err(err(field, "must not contain `..`"));
+    }
+    let cgroup_path = cgroup_root.join(relative);
+    let meta = std::fs::metadata(&cgroup_path).map_err(|e| {
+        let reason = format!("{} does not exist ({e})", cgroup_path.display());
+        err(field, reason)
+    })?;
+    if !meta.is_dir() || !cgroup_path.join("cgroup.procs").exists() {
+        let reason = format!("{} is not a cgroup v2 directory", cgroup_path.display());
+        return Err(err(field, reason));
+    }
+    Ok((cgroup_path, meta))
 }
 
 impl WorkloadConfig {
@@ -299,25 +381,7 @@ impl WorkloadConfig {
         cgroup_root: &Path,
         field: &dyn Fn(&str) -> String,
     ) -> Result<Workload, ConfigError> {
-        let relative = self.cgroup.strip_prefix("/").unwrap_or(&self.cgroup);
-        if relative.as_os_str().is_empty() {
-            return Err(err(
-                field("cgroup"),
-                "is the cgroup root: meshd attaches only to workload cgroups below it",
-            ));
-        }
-        if relative.components().any(|c| c.as_os_str() == "..") {
-            return Err(err(field("cgroup"), "must not contain `..`"));
-        }
-        let cgroup_path = cgroup_root.join(relative);
-        let meta = std::fs::metadata(&cgroup_path).map_err(|e| {
-            let reason = format!("{} does not exist ({e})", cgroup_path.display());
-            err(field("cgroup"), reason)
-        })?;
-        if !meta.is_dir() || !cgroup_path.join("cgroup.procs").exists() {
-            let reason = format!("{} is not a cgroup v2 directory", cgroup_path.display());
-            return Err(err(field("cgroup"), reason));
-        }
+        let (cgroup_path, meta) = cgroup_dir(cgroup_root, &self.cgroup, &field("cgroup"))?;
         for (j, port) in self.ports.iter().enumerate() {
             if *port == 0 || mesh_common::ports::ALL.contains(port) {
                 let reason = format!("{port} is not a workload port (0 or one of meshd's own)");

@@ -31,7 +31,10 @@ pub struct IssuerFiles {
 }
 
 pub struct IdentityManager {
-    certs: BTreeMap<SpiffeId, watch::Receiver<Arc<Svid>>>,
+    certs: std::sync::Mutex<BTreeMap<SpiffeId, watch::Receiver<Arc<Svid>>>>,
+    issuer: IssuerFiles,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl IdentityManager {
@@ -43,23 +46,45 @@ impl IdentityManager {
         ids: Vec<SpiffeId>,
         metrics: Arc<Metrics>,
     ) -> Result<IdentityManager> {
-        let current =
-            Issuer::load(&issuer.cert, &issuer.key).context("load the node intermediate")?;
-        let mut certs = BTreeMap::new();
+        let manager = IdentityManager {
+            certs: Default::default(),
+            issuer,
+            ttl,
+            metrics,
+        };
         for id in ids {
-            let svid =
-                svid::mint(&current, &id, ttl).with_context(|| format!("mint SVID for {id}"))?;
-            tracing::info!(%id, serial = %svid.serial, "SVID issued");
-            let (tx, rx) = watch::channel(Arc::new(svid));
-            tokio::spawn(renew(tx, issuer.clone(), ttl, metrics.clone()));
-            certs.insert(id, rx);
+            manager.ensure(&id)?;
         }
-        Ok(IdentityManager { certs })
+        Ok(manager)
     }
 
     /// The live SVID channel of an identity.
     pub fn watch(&self, id: &SpiffeId) -> Option<watch::Receiver<Arc<Svid>>> {
-        self.certs.get(id).cloned()
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        certs.get(id).cloned()
+    }
+
+    /// The SVID channel of `id`, minting it (and starting its renewal) the first time: pods
+    /// bring identities while meshd runs.
+    pub fn ensure(&self, id: &SpiffeId) -> Result<watch::Receiver<Arc<Svid>>> {
+        if let Some(rx) = self.watch(id) {
+            return Ok(rx);
+        }
+        let current = Issuer::load(&self.issuer.cert, &self.issuer.key)
+            .context("load the node intermediate")?;
+        let svid =
+            svid::mint(&current, id, self.ttl).with_context(|| format!("mint SVID for {id}"))?;
+        tracing::info!(%id, serial = %svid.serial, "SVID issued");
+        let (tx, rx) = watch::channel(Arc::new(svid));
+        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = certs.entry(id.clone()).or_insert(rx).clone();
+        tokio::spawn(renew(
+            tx,
+            self.issuer.clone(),
+            self.ttl,
+            self.metrics.clone(),
+        ));
+        Ok(rx)
     }
 }
 

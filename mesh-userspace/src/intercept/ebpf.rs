@@ -27,15 +27,20 @@ use aya::{
     },
     Ebpf,
 };
-use mesh_common::{counters, names, ports, MeshConfig, OrigDst, SockKey, SockTuple};
+use mesh_common::{counters, names, ports, MeshConfig, OrigDst, PodNetns, SockKey, SockTuple};
 use tokio::net::TcpStream;
 
-use super::{v4, Interception, Mode, Origin, OriginError, Workloads};
-use crate::config::Validated;
+use super::{v4, Interception, Mode, Origin, OriginError, PodCapture, PodNet, Workloads};
+use crate::{config::Validated, proxy::Scope};
+
+/// Pins for pods live here, apart from the node's: they outlive a meshd that stops, so pods
+/// fail closed until the next meshd takes their links over.
+const PODS_PIN_DIR: &str = "pods";
 
 pub struct EbpfInterception {
-    /// Keeps the programs and maps loaded for as long as meshd runs.
-    _bpf: Mutex<Ebpf>,
+    /// Keeps the programs and maps loaded for as long as meshd runs (and holds the pods'
+    /// sk_lookup program, attached per pod).
+    bpf: Mutex<Ebpf>,
     by_tuple: HashMap<MapData, SockKey, OrigDst>,
     /// The same map, for BPF_MAP_LOOKUP_AND_DELETE_ELEM (aya does not offer it on hash maps).
     by_tuple_fd: OwnedFd,
@@ -45,6 +50,18 @@ pub struct EbpfInterception {
     pin_dir: PathBuf,
     workloads: Workloads,
     bypass: Bypass,
+    /// Cookie of meshd's own network namespace (host workloads' record keys).
+    home_netns: u64,
+    pods: Option<PodMaps>,
+}
+
+/// What pod capture needs after start-up: the per-pod maps and the sk_lookup program.
+type PodNetnsMap = std::sync::Arc<Mutex<HashMap<MapData, u64, PodNetns>>>;
+
+struct PodMaps {
+    netns: PodNetnsMap,
+    listeners: Mutex<SockHash<MapData, u32>>,
+    pin_dir: PathBuf,
 }
 
 /// The eBPF programs' counters, by the event name metrics and logs use.
@@ -156,8 +173,14 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     let by_tuple = HashMap::try_from(by_tuple_map)?;
     let by_cookie = HashMap::try_from(take_map(&mut bpf, names::MAP_ORIG_DST_BY_COOKIE)?)?;
     let counters = PerCpuArray::try_from(take_map(&mut bpf, names::MAP_COUNTERS)?)?;
+    let pods = match cfg.pods.as_ref().and_then(|p| p.cgroup_parent.as_deref()) {
+        Some(parent) => Some(attach_pods_parent(&mut bpf, parent, &pin_dir)?),
+        None => None,
+    };
     Ok(EbpfInterception {
-        _bpf: Mutex::new(bpf),
+        home_netns: crate::inpod::netns::home_cookie()?,
+        pods,
+        bpf: Mutex::new(bpf),
         by_tuple,
         by_tuple_fd,
         by_cookie,
@@ -167,6 +190,68 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         workloads: Workloads::new(&cfg.workloads),
         bypass,
     })
+}
+
+/// Attaches (or takes over from an earlier meshd) the connect, getpeername and sockops programs
+/// on the runtime's pod cgroup parent. They act only on sockets in a meshed pod's namespace.
+fn attach_pods_parent(bpf: &mut Ebpf, parent: &Path, pin_dir: &Path) -> Result<PodMaps> {
+    let pods_dir = pin_dir.join(PODS_PIN_DIR);
+    std::fs::create_dir_all(&pods_dir)?;
+    for prog in [names::PROG_CONNECT4_PODS, names::PROG_CONNECT6_PODS] {
+        program::<CgroupSockAddr>(bpf, prog)?
+            .load()
+            .with_context(|| format!("load {prog}"))?;
+    }
+    let sock_addr = [
+        names::PROG_CONNECT4_PODS,
+        names::PROG_CONNECT6_PODS,
+        names::PROG_GETPEERNAME4,
+        names::PROG_GETPEERNAME6,
+    ];
+    for prog in sock_addr {
+        let p: &mut CgroupSockAddr = program(bpf, prog)?;
+        let fd = p.fd()?.as_fd().try_clone_to_owned()?;
+        take_over_or_attach(&pods_dir.join(format!("parent_{prog}")), fd.as_fd(), || {
+            p.attach_link(cgroup_fd(parent)?)
+        })?;
+    }
+    let sockops: &mut SockOps = program(bpf, names::PROG_SOCKOPS)?;
+    let fd = sockops.fd()?.as_fd().try_clone_to_owned()?;
+    take_over_or_attach(&pods_dir.join("parent_sockops"), fd.as_fd(), || {
+        sockops.attach_link(cgroup_fd(parent)?)
+    })?;
+    program::<SkLookup>(bpf, names::PROG_SK_LOOKUP_PODS)?
+        .load()
+        .context("load the pods' sk_lookup")?;
+    let netns = HashMap::try_from(take_map(bpf, names::MAP_POD_NETNS)?)?;
+    let listeners = SockHash::try_from(take_map(bpf, names::MAP_POD_LISTENERS)?)?;
+    tracing::info!(parent = %parent.display(), "pod programs attached to the runtime's cgroup parent");
+    Ok(PodMaps {
+        netns: std::sync::Arc::new(Mutex::new(netns)),
+        listeners: Mutex::new(listeners),
+        pin_dir: pods_dir,
+    })
+}
+
+/// A link pinned at `pin` by an earlier meshd gets `program` swapped in atomically
+/// (BPF_LINK_UPDATE: the hook is never without a program); otherwise `attach` and pin.
+fn take_over_or_attach(
+    pin: &Path,
+    program: std::os::fd::BorrowedFd<'_>,
+    attach: impl FnOnce() -> Result<FdLink>,
+) -> Result<()> {
+    if pin.exists() {
+        let link =
+            crate::sys::bpf_obj_get(pin).with_context(|| format!("open {}", pin.display()))?;
+        crate::sys::bpf_link_update(link.as_fd(), program)
+            .with_context(|| format!("take over {}", pin.display()))?;
+        tracing::info!(pin = %pin.display(), "took over a link pinned by an earlier meshd");
+        return Ok(());
+    }
+    let link = attach()?;
+    link.pin(pin)
+        .with_context(|| format!("pin {}", pin.display()))?;
+    Ok(())
 }
 
 /// Attaches sk_msg to the bypass sockhash and sockops to meshd's own cgroup, so that meshd's
@@ -247,7 +332,7 @@ fn cgroup_fd(path: &Path) -> Result<File> {
 /// Links left pinned by a meshd that did not stop cleanly still steer traffic to this node's
 /// ports; they are replaced by the ones this run attaches.
 fn remove_stale_pins(pin_dir: &Path) -> Result<()> {
-    let removed = crate::cleanup::remove_pins(pin_dir)?;
+    let removed = crate::cleanup::remove_pins_except(pin_dir, PODS_PIN_DIR)?;
     if !removed.is_empty() {
         tracing::warn!(count = removed.len(), dir = %pin_dir.display(),
             "removed links pinned by an earlier meshd that did not stop cleanly");
@@ -307,22 +392,63 @@ impl Interception for EbpfInterception {
         Mode::Ebpf
     }
 
-    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
+    fn outbound_origin(&self, conn: &TcpStream, scope: &Scope) -> Result<Origin, OriginError> {
         let peer = conn.peer_addr()?;
         let app = v4(peer)?;
         let key = SockKey {
             ip: ip_key(*app.ip()),
             port: app.port(),
             _pad: 0,
+                netns: scope
+                .pod
+                .as_ref()
+                .map_or(self.home_netns, |p| p.netns.cookie),
         };
         // Read once: the entry goes now rather than waiting for LRU eviction.
         let record: OrigDst = crate::sys::bpf_map_take(self.by_tuple_fd.as_fd(), &key)
             .map_err(|_| OriginError::NoRecord(peer))?;
         let ip = Ipv4Addr::from(record.ip.to_ne_bytes());
+        let workload = match &scope.pod {
+            Some(pod) => Some(pod.workload.clone()),
+            None => self.workloads.by_cgroup_id(record.cgroup_id),
+        };
         Ok(Origin {
             dst: SocketAddrV4::new(ip, record.port),
-            workload: self.workloads.by_cgroup_id(record.cgroup_id),
+            workload,
         })
+    }
+
+    fn capture_pod(&self, pod: &PodNet<'_>) -> Result<Box<dyn PodCapture>> {
+        let maps = self.pods.as_ref().ok_or_else(|| {
+            anyhow!("ebpf mode serves pods only with pods.cgroup_parent set (where the runtime puts them)")
+        })?;
+        let ip = ip_key(pod.ip);
+        maps.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ip, pod.inbound_listener.as_raw_fd(), 0)
+            .context("put the pod's :15006 in POD_LISTENERS")?;
+        let pin = maps.pin_dir.join(format!("{}_sk_lookup", pod.id));
+        {
+            let mut bpf = self.bpf.lock().unwrap_or_else(|p| p.into_inner());
+            let lookup: &mut SkLookup = program(&mut bpf, names::PROG_SK_LOOKUP_PODS)?;
+            let fd = lookup.fd()?.as_fd().try_clone_to_owned()?;
+            take_over_or_attach(&pin, fd.as_fd(), || {
+                let id = lookup.attach(pod.netns.file().try_clone()?)?;
+                Ok(FdLink::from(lookup.take_link(id)?))
+            })?;
+        }
+        // Last: from here on the pod's sockets are steered (its listeners already exist).
+        let entry = PodNetns { ip, _pad: 0 };
+        maps.netns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pod.netns.cookie, entry, 0)?;
+        Ok(Box::new(PodEbpf {
+            netns: maps.netns.clone(),
+            cookie: pod.netns.cookie,
+            pin,
+        }))
     }
 
     fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError> {
@@ -378,7 +504,27 @@ impl Interception for EbpfInterception {
             // Unpinned and dropped: the last reference goes and the kernel detaches it.
             drop(link.unpin().context("unpin link")?);
         }
-        crate::cleanup::remove_pins(&self.pin_dir)?;
+        crate::cleanup::remove_pins_except(&self.pin_dir, PODS_PIN_DIR)?;
+        Ok(())
+    }
+}
+
+/// One pod's eBPF capture: its netns entry (which gates the parent's connect programs) and its
+/// pinned sk_lookup link.
+struct PodEbpf {
+    netns: PodNetnsMap,
+    cookie: u64,
+    pin: PathBuf,
+}
+
+impl PodCapture for PodEbpf {
+    fn remove(&self) -> Result<()> {
+        // The gate first: the pod's new connections stop being steered before anything else goes.
+        let _ = (self.netns.lock().unwrap_or_else(|p| p.into_inner())).remove(&self.cookie);
+        if self.pin.exists() {
+            let link = PinnedLink::from_pin(&self.pin)?;
+            drop(link.unpin()?);
+        }
         Ok(())
     }
 }

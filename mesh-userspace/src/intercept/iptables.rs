@@ -12,13 +12,31 @@ use procfs::process::{FDTarget, Process};
 use tokio::net::TcpStream;
 
 use super::{
-    orig_dst::original_dst, sock_diag, v4, Interception, Mode, Origin, OriginError, Workloads,
+    orig_dst::original_dst, sock_diag, v4, Interception, Mode, Origin, OriginError, PodCapture,
+    PodNet, Workloads,
 };
-use crate::config::{Validated, Workload};
+use crate::{
+    config::{Validated, Workload},
+    proxy::Scope,
+};
 
 pub struct IptablesInterception {
     iptables: Iptables,
     workloads: Workloads,
+    /// The node's rule set; a pod's differs only in capturing every inbound port.
+    spec: RuleSpec,
+}
+
+/// A pod's rules, inside its namespace (the node's tables are not touched).
+struct PodRules {
+    iptables: Iptables,
+}
+
+impl PodCapture for PodRules {
+    fn remove(&self) -> Result<()> {
+        self.iptables.remove()?;
+        Ok(())
+    }
 }
 
 /// The rule set a configuration asks for.
@@ -32,6 +50,7 @@ pub fn rule_spec(cfg: &Validated) -> RuleSpec {
         excluded_ports: cfg.excluded_ports.clone(),
         excluded_cidrs: cfg.excluded_cidrs.iter().map(|c| c.to_string()).collect(),
         inbound_ports: cfg.inbound_ports(),
+        inbound_all_ports: false,
         delivery_source: DELIVERY_SOURCE_IP.into(),
     }
 }
@@ -39,8 +58,9 @@ pub fn rule_spec(cfg: &Validated) -> RuleSpec {
 /// Applies the rule set in this network namespace (replacing any earlier copy) and verifies it.
 pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
     let iptables = Iptables::detect()?;
+    let spec = rule_spec(cfg);
     iptables
-        .apply(&rule_spec(cfg))
+        .apply(&spec)
         .context("install meshd's iptables rules")?;
     tracing::info!(
         backend = iptables.backend.name(),
@@ -49,6 +69,7 @@ pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
     Ok(IptablesInterception {
         iptables,
         workloads: Workloads::new(&cfg.workloads),
+        spec,
     })
 }
 
@@ -85,11 +106,29 @@ impl Interception for IptablesInterception {
         Mode::Iptables
     }
 
-    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError> {
+    fn outbound_origin(&self, conn: &TcpStream, scope: &Scope) -> Result<Origin, OriginError> {
         let peer = conn.peer_addr()?;
+        // The socket lives in the pod's namespace: its conntrack entry is the pod's.
         let dst = original_dst(conn).map_err(|_| OriginError::NoRecord(peer))?;
-        let workload = self.owner(v4(peer)?, dst);
+        let workload = match &scope.pod {
+            Some(pod) => Some(pod.workload.clone()),
+            None => self.owner(v4(peer)?, dst),
+        };
         Ok(Origin { dst, workload })
+    }
+
+    fn capture_pod(&self, pod: &PodNet<'_>) -> Result<Box<dyn PodCapture>> {
+        let iptables = self.iptables.in_netns(&pod.netns.path);
+        let spec = RuleSpec {
+            inbound_ports: Vec::new(),
+            inbound_all_ports: true,
+            ..self.spec.clone()
+        };
+        // One restore transaction replaces whatever an earlier meshd left: never a gap.
+        iptables
+            .apply(&spec)
+            .with_context(|| format!("iptables rules in pod {}", pod.id))?;
+        Ok(Box::new(PodRules { iptables }))
     }
 
     fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError> {

@@ -16,7 +16,22 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use crate::config::Workload;
+use crate::{config::Workload, inpod::netns::Netns, proxy::Scope};
+
+/// What interception needs to capture one pod: its namespace, address and the :15006 socket
+/// meshd made inside it.
+pub struct PodNet<'a> {
+    /// The pod's name in pins and logs (unique on the node: the container id).
+    pub id: &'a str,
+    pub netns: &'a Netns,
+    pub ip: std::net::Ipv4Addr,
+    pub inbound_listener: std::os::fd::BorrowedFd<'a>,
+}
+
+/// One pod's capture; `remove` takes it away (the pod was deleted).
+pub trait PodCapture: Send + Sync {
+    fn remove(&self) -> anyhow::Result<()>;
+}
 
 /// The eBPF object compiled from `mesh-ebpf` by build.rs, embedded in the binary.
 pub static EBPF_OBJECT: &[u8] =
@@ -82,8 +97,9 @@ pub enum OriginError {
 /// The one interface between the interception modes and the proxy.
 pub trait Interception: Send + Sync {
     fn mode(&self) -> Mode;
-    /// For a connection accepted on :15001: where the application wanted to go.
-    fn outbound_origin(&self, conn: &TcpStream) -> Result<Origin, OriginError>;
+    /// For a connection accepted on :15001 of `scope` (the node's or a pod's): where the
+    /// application wanted to go, and which workload sent it.
+    fn outbound_origin(&self, conn: &TcpStream, scope: &Scope) -> Result<Origin, OriginError>;
     /// For a connection accepted on :15006: the address its peer dialled.
     fn inbound_dst(&self, conn: &TcpStream) -> Result<SocketAddrV4, OriginError>;
     /// A line about the state interception keeps (map fill levels, rule counts) for the log.
@@ -96,7 +112,12 @@ pub trait Interception: Send + Sync {
     fn kernel_events(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
-    /// Removes every program, link, pin or rule this mode installed.
+    /// Captures one pod's traffic into the listeners meshd made inside it: outbound to its
+    /// :15001, inbound to its :15006 (except :15008). Replaces a capture left by an earlier
+    /// meshd for the same pod without a moment in which the pod is not captured.
+    fn capture_pod(&self, pod: &PodNet<'_>) -> anyhow::Result<Box<dyn PodCapture>>;
+    /// Removes every program, link, pin or rule this mode installed for the node's own
+    /// namespace. Pods keep their capture (they fail closed until a meshd serves them again).
     fn uninstall(&self) -> anyhow::Result<()>;
 }
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use mesh_common::DELIVERY_SOURCE_IP;
 use tokio::net::TcpStream;
 
-use super::{labels, relay_plaintext, Access, Context};
+use super::{labels, relay_plaintext, Access, Context, Scope};
 use crate::{config::MtlsMode, metrics::Direction};
 
-pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
+pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     let dst = match ctx.interception.inbound_dst(&app) {
         Ok(d) => d,
         Err(e) => {
@@ -21,7 +21,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
             return;
         }
     };
-    let Some(workload) = ctx.inbound.get(&dst.port()).cloned() else {
+    let Some(workload) = ctx.inbound_workload(&scope, dst) else {
         // Someone dialled :15006 itself, or a port no workload serves.
         ctx.metrics
             .reject(Direction::Inbound, "not_a_workload_port");
@@ -50,5 +50,5 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
         src,
     );
     access.workload = Some(workload);
-    relay_plaintext(&ctx, app, access, Some(DELIVERY_SOURCE_IP.into())).await;
+    relay_plaintext(&ctx, app, access, Some(DELIVERY_SOURCE_IP.into()), &scope).await;
 }

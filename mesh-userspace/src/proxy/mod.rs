@@ -19,8 +19,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{
     config::{Egress, Ipv4Cidr, PeerAuth, Workload},
+    inpod::netns::Netns,
     intercept::Interception,
     metrics::{BytesLabels, ConnLabels, Direction, Metrics},
+    registry::Registry,
     tls::verify::PeerIdentity,
     tunnel::pool::{ClientIdentity, Pool},
 };
@@ -44,6 +46,32 @@ pub struct Context {
     /// Present when meshd has an identity.
     pub tunnels: Option<Tunnels>,
     pub local_addrs: LocalAddrs,
+    /// Which identity must answer at a destination address.
+    pub registry: Arc<Registry>,
+}
+
+/// Where a listener serves: meshd's own network namespace (host workloads, `pod: None`) or one
+/// pod, from sockets meshd made inside the pod's namespace.
+#[derive(Clone, Default)]
+pub struct Scope {
+    pub pod: Option<Arc<PodScope>>,
+}
+
+/// One pod as the proxy stages see it.
+pub struct PodScope {
+    /// The pod as a workload (name, namespace, service account).
+    pub workload: Arc<Workload>,
+    pub netns: Arc<Netns>,
+    pub ip: Ipv4Addr,
+    /// Its HBONE client identity and pool (dialling from inside the pod), when meshd has an
+    /// identity.
+    pub tunnels: Option<(Arc<ClientIdentity>, Pool)>,
+}
+
+impl Scope {
+    pub fn netns(&self) -> Option<&Netns> {
+        self.pod.as_ref().map(|p| &*p.netns)
+    }
 }
 
 pub struct Tunnels {
@@ -56,13 +84,23 @@ impl Context {
     pub fn in_mesh(&self, ip: Ipv4Addr) -> bool {
         self.mesh_networks.iter().any(|n| n.contains(ip))
     }
+
+    /// The local workload an inbound connection to `dst` is for: in a pod, the pod itself (every
+    /// port of its address); in the node's namespace, the workload serving that port.
+    pub fn inbound_workload(&self, scope: &Scope, dst: SocketAddrV4) -> Option<Arc<Workload>> {
+        match &scope.pod {
+            Some(pod) => (*dst.ip() == pod.ip && !mesh_common::ports::ALL.contains(&dst.port()))
+                .then(|| pod.workload.clone()),
+            None => self.inbound.get(&dst.port()).cloned(),
+        }
+    }
 }
 
 /// Accepts forever, one task per connection. Accept errors (fd exhaustion) are logged and
 /// retried after a pause rather than ending the loop.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<Context>, handle: F)
+pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<Context>, scope: Scope, handle: F)
 where
-    F: Fn(TcpStream, Arc<Context>) -> Fut,
+    F: Fn(TcpStream, Arc<Context>, Scope) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -70,7 +108,7 @@ where
             Ok((conn, _)) => {
                 // Small writes (requests, responses) must leave at once, not wait for an ACK.
                 let _ = conn.set_nodelay(true);
-                tokio::spawn(handle(conn, ctx.clone()));
+                tokio::spawn(handle(conn, ctx.clone(), scope.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -80,9 +118,25 @@ where
     }
 }
 
-/// Dials `dst` from a socket carrying `mark`, optionally from `source`.
-pub async fn dial(dst: SocketAddrV4, mark: u32, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
+/// Dials `dst` from a socket carrying `mark`, optionally from `source`, made inside `netns`
+/// (a pod's) or in meshd's own namespace.
+pub async fn dial(
+    dst: SocketAddrV4,
+    mark: u32,
+    source: Option<Ipv4Addr>,
+    netns: Option<&Netns>,
+) -> io::Result<TcpStream> {
+    let sock = match netns {
+        None => TcpSocket::new_v4()?,
+        Some(ns) => TcpSocket::from_std_stream(ns.run(|| {
+            let s = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM.nonblocking(),
+                Some(socket2::Protocol::TCP),
+            )?;
+            Ok(std::net::TcpStream::from(s))
+        })?),
+    };
     socket2::SockRef::from(&sock).set_mark(mark)?;
     if let Some(ip) = source {
         // Choose the port at connect(), where only the full 4-tuple must be unique: bind(ip, 0)
@@ -130,6 +184,9 @@ pub struct Access {
     pub peer: Option<Arc<PeerIdentity>>,
     pub src: Option<SocketAddr>,
     pub dst: SocketAddrV4,
+    /// Outbound HBONE: whether the server's identity was checked against the one expected at
+    /// the destination (`verified`) or only against the trust domain.
+    pub server_check: &'static str,
     started: Instant,
     active: Gauge,
 }
@@ -150,6 +207,7 @@ impl Access {
             peer: None,
             src,
             dst,
+            server_check: "-",
             started: Instant::now(),
             active,
         }
@@ -176,6 +234,7 @@ impl Access {
             peer_serial = %self.peer.as_ref().map_or("-", |p| p.serial.as_str()),
             src = %self.src.map_or("?".into(), |p| p.to_string()),
             dst = %self.dst,
+            server_check = self.server_check,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -191,8 +250,9 @@ pub async fn relay_plaintext(
     mut app: TcpStream,
     mut access: Access,
     source: Option<Ipv4Addr>,
+    scope: &Scope,
 ) {
-    let mut upstream = match dial(access.dst, ctx.mark, source).await {
+    let mut upstream = match dial(access.dst, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{labels, relay_plaintext, reset, Access, Context};
+use super::{labels, relay_plaintext, reset, Access, Context, Scope};
 use crate::{
     config::Egress,
     intercept::Origin,
@@ -15,8 +15,8 @@ use crate::{
     tunnel::{self, pool::TunnelError},
 };
 
-pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
-    let origin = match ctx.interception.outbound_origin(&app) {
+pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
+    let origin = match ctx.interception.outbound_origin(&app, &scope) {
         Ok(o) => o,
         Err(e) => {
             ctx.metrics
@@ -33,7 +33,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
         return;
     }
     if ctx.in_mesh(*dst.ip()) {
-        return through_tunnel(app, origin, &ctx).await;
+        return through_tunnel(app, origin, &ctx, &scope).await;
     }
     if ctx.egress == Egress::Deny {
         ctx.metrics.reject(Direction::Outbound, "egress_denied");
@@ -48,16 +48,18 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>) {
         None,
     );
     access.workload = origin.workload;
-    relay_plaintext(&ctx, app, access, None).await;
+    relay_plaintext(&ctx, app, access, None, &scope).await;
 }
 
-async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context) {
-    let client = ctx
-        .tunnels
-        .as_ref()
-        .zip(origin.workload.as_ref())
-        .and_then(|(t, w)| t.clients.get(&w.name));
-    let (Some(tunnels), Some(client)) = (ctx.tunnels.as_ref(), client) else {
+async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope: &Scope) {
+    let tunnels = match &scope.pod {
+        Some(pod) => pod.tunnels.as_ref().map(|(c, p)| (c, p)),
+        None => ctx.tunnels.as_ref().and_then(|t| {
+            let client = t.clients.get(&origin.workload.as_ref()?.name)?;
+            Some((client, &t.pool))
+        }),
+    };
+    let Some((client, pool)) = tunnels else {
         // No identity to speak for it: sending it in plaintext would break the mesh's promise.
         ctx.metrics.reject(Direction::Outbound, "no_identity");
         tracing::warn!(dst = %origin.dst, "sender is not a configured workload: no SVID to tunnel with; refused");
@@ -71,13 +73,20 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context) {
         app.peer_addr().ok(),
     );
     access.workload = origin.workload.clone();
-    let opened = tunnels
-        .pool
-        .open(client, *origin.dst.ip(), origin.dst)
+    let expected = ctx.registry.expected(*origin.dst.ip());
+    access.server_check = if expected.is_some() {
+        "verified"
+    } else {
+        "unknown_destination_identity"
+    };
+    ctx.metrics.server_identity(access.server_check);
+    let opened = pool
+        .open(client, *origin.dst.ip(), origin.dst, expected)
         .await;
     let result = match opened {
-        Ok((send, response)) => {
-            tunnel::bridge(&mut app, send, tunnel::pool::response_body(response)).await
+        Ok(o) => {
+            access.peer = Some(o.server);
+            tunnel::bridge(&mut app, o.send, tunnel::pool::response_body(o.response)).await
         }
         Err(e) => Err(std::io::Error::other(e)),
     };

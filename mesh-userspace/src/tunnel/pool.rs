@@ -22,15 +22,50 @@ use tokio_rustls::TlsConnector;
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::{SpiffeId, Svid},
+    inpod::netns::Netns,
     metrics::{Direction, Metrics},
-    tls::config::handshake_failure_reason,
+    tls::{
+        config::{client_config, handshake_failure_reason},
+        verify::{identity_of, PeerIdentity, TrustBundle},
+    },
 };
 
 /// A local identity able to open tunnels.
 pub struct ClientIdentity {
     pub id: SpiffeId,
-    pub config: Arc<ClientConfig>,
     pub svid: watch::Receiver<Arc<Svid>>,
+    bundle: Arc<TrustBundle>,
+    /// Client configurations by the server identity they insist on (`None`: any SVID of the
+    /// trust domain).
+    configs: Mutex<HashMap<Option<SpiffeId>, Arc<ClientConfig>>>,
+}
+
+impl ClientIdentity {
+    pub fn new(
+        id: SpiffeId,
+        svid: watch::Receiver<Arc<Svid>>,
+        bundle: Arc<TrustBundle>,
+    ) -> ClientIdentity {
+        ClientIdentity {
+            id,
+            svid,
+            bundle,
+            configs: Mutex::default(),
+        }
+    }
+
+    /// The configuration whose verifier accepts only `expected` (or any SVID of the trust
+    /// domain when `None`).
+    fn config(&self, expected: &Option<SpiffeId>) -> Result<Arc<ClientConfig>, TunnelError> {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = configs.get(expected) {
+            return Ok(c.clone());
+        }
+        let config = client_config(self.bundle.clone(), self.svid.clone(), expected.clone())
+            .map_err(|e| TunnelError::Config(format!("{e:#}")))?;
+        configs.insert(expected.clone(), config.clone());
+        Ok(config)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,13 +78,17 @@ pub enum TunnelError {
     H2(#[from] h2::Error),
     #[error("the peer refused the CONNECT: {0}")]
     Refused(http::StatusCode),
+    #[error("client TLS configuration: {0}")]
+    Config(String),
 }
 
 impl TunnelError {
     pub fn reason(&self) -> &'static str {
         match self {
             TunnelError::Connect(_) => "tunnel_connect_failed",
+            TunnelError::Handshake("unexpected_identity", _) => "unexpected_identity",
             TunnelError::Handshake(..) => "tunnel_handshake_failed",
+            TunnelError::Config(_) => "tunnel_config",
             TunnelError::H2(_) => "tunnel_h2_error",
             TunnelError::Refused(_) => "tunnel_refused",
         }
@@ -60,37 +99,61 @@ struct Pooled {
     send: SendRequest<Bytes>,
     /// Serial of the client certificate the connection was made with.
     serial: String,
+    /// Who answered: the server's verified SVID.
+    server: Arc<PeerIdentity>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
+/// A pooled connection is shared only by streams of the same source identity, to the same peer
+/// address, insisting on the same server identity.
+type SlotKey = (SpiffeId, Ipv4Addr, Option<SpiffeId>);
+
+/// An open CONNECT stream and who serves it.
+pub struct Opened {
+    pub send: SendStream<Bytes>,
+    pub response: ResponseFuture,
+    pub server: Arc<PeerIdentity>,
+}
+
 pub struct Pool {
-    slots: Mutex<HashMap<(SpiffeId, Ipv4Addr), Slot>>,
+    slots: Mutex<HashMap<SlotKey, Slot>>,
     mark: u32,
     metrics: Arc<Metrics>,
+    /// Tunnels of a pod leave from inside its network namespace (source = the pod's IP).
+    netns: Option<Arc<Netns>>,
 }
 
 impl Pool {
-    pub fn new(mark: u32, metrics: Arc<Metrics>) -> Pool {
+    pub fn new(mark: u32, metrics: Arc<Metrics>, netns: Option<Arc<Netns>>) -> Pool {
         Pool {
             slots: Mutex::new(HashMap::new()),
             mark,
             metrics,
+            netns,
         }
     }
 
-    /// Opens a CONNECT stream to `target` through `node`'s :15008 as `who`.
+    /// Opens a CONNECT stream to `target` through `node`'s :15008 as `who`; the server must
+    /// present `expected` when it is known.
     pub async fn open(
         &self,
         who: &ClientIdentity,
         node: Ipv4Addr,
         target: SocketAddrV4,
-    ) -> Result<(SendStream<Bytes>, ResponseFuture), TunnelError> {
-        let slot = self.slot(&who.id, node);
+        expected: Option<SpiffeId>,
+    ) -> Result<Opened, TunnelError> {
+        let slot = self.slot((who.id.clone(), node, expected.clone()));
         let mut retried = false;
         loop {
-            let send = self.checkout(&slot, who, node).await?;
-            match connect_stream(send, target).await {
+            let (send, server) = self.checkout(&slot, who, node, &expected).await?;
+            match connect_stream(send, target)
+                .await
+                .map(|(send, response)| Opened {
+                    send,
+                    response,
+                    server,
+                }) {
                 // The pooled connection died (peer restarted, idle close): one fresh attempt.
                 Err(TunnelError::H2(e)) if !retried => {
                     tracing::debug!(error = %e, %node, "pooled HBONE connection unusable; reconnecting");
@@ -102,9 +165,9 @@ impl Pool {
         }
     }
 
-    fn slot(&self, id: &SpiffeId, node: Ipv4Addr) -> Slot {
+    fn slot(&self, key: SlotKey) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry((id.clone(), node)).or_default().clone()
+        slots.entry(key).or_default().clone()
     }
 
     /// The pooled connection, or a new one if there is none or its certificate rotated. The slot
@@ -114,30 +177,33 @@ impl Pool {
         slot: &Slot,
         who: &ClientIdentity,
         node: Ipv4Addr,
-    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        expected: &Option<SpiffeId>,
+    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>), TunnelError> {
         let mut pooled = slot.lock().await;
         let serial = who.svid.borrow().serial.clone();
         if let Some(p) = pooled.as_ref().filter(|p| p.serial == serial) {
-            return Ok(p.send.clone());
+            return Ok((p.send.clone(), p.server.clone()));
         }
-        let send = self.connect(who, node).await?;
+        let (send, server) = self.connect(who, node, expected).await?;
         *pooled = Some(Pooled {
             send: send.clone(),
             serial,
+            server: server.clone(),
         });
-        Ok(send)
+        Ok((send, server))
     }
 
     async fn connect(
         &self,
         who: &ClientIdentity,
         node: Ipv4Addr,
-    ) -> Result<SendRequest<Bytes>, TunnelError> {
+        expected: &Option<SpiffeId>,
+    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>), TunnelError> {
         let addr = SocketAddrV4::new(node, mesh_common::ports::INBOUND_HBONE);
-        let tcp = crate::proxy::dial(addr, self.mark, None)
+        let tcp = crate::proxy::dial(addr, self.mark, None, self.netns.as_deref())
             .await
             .map_err(TunnelError::Connect)?;
-        let connector = TlsConnector::from(who.config.clone());
+        let connector = TlsConnector::from(who.config(expected)?);
         let tls = match connector
             .connect(ServerName::IpAddress(node.into()), tcp)
             .await
@@ -150,6 +216,13 @@ impl Pool {
             }
         };
         self.metrics.handshake(Direction::Outbound, "ok");
+        let server = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| identity_of(leaf).ok())
+            .ok_or_else(|| TunnelError::Config("verified server without a readable SVID".into()))?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -161,7 +234,7 @@ impl Pool {
                 tracing::debug!(error = %e, %node, "HBONE connection ended");
             }
         });
-        Ok(send)
+        Ok((send, Arc::new(server)))
     }
 }
 

@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{bridge, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     metrics::Direction,
-    proxy::{dial, labels, Access, Context},
+    proxy::{dial, labels, Access, Context, Scope},
     tls::{
         config::handshake_failure_reason,
         verify::{identity_of, PeerIdentity},
@@ -31,13 +31,16 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConfig>) {
+/// Serves one :15008 listener: the node's (node SVID, host workloads) or a pod's (the pod's own
+/// SVID, that pod only).
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConfig>, scope: Scope) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(connection(tcp, peer, ctx.clone(), acceptor.clone()));
+                let conn = connection(tcp, peer, ctx.clone(), acceptor.clone(), scope.clone());
+                tokio::spawn(conn);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept on :15008 failed");
@@ -57,7 +60,13 @@ fn classify_preface(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>, acceptor: TlsAcceptor) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    acceptor: TlsAcceptor,
+    scope: Scope,
+) {
     let refuse = |reason: &'static str, detail: String| {
         ctx.metrics.handshake(Direction::Inbound, reason);
         tracing::warn!(%peer, reason, detail, "HBONE connection refused");
@@ -107,12 +116,16 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>, accepto
     while let Some(stream) = h2.accept().await {
         match stream {
             Ok((request, respond)) => {
+                let caller = Caller {
+                    peer,
+                    who: who.clone(),
+                };
                 tokio::spawn(stream_task(
                     request,
                     respond,
-                    peer,
-                    who.clone(),
+                    caller,
                     ctx.clone(),
+                    scope.clone(),
                 ));
             }
             Err(e) => {
@@ -123,11 +136,18 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>, accepto
     }
 }
 
+/// Who opened a stream: the connection's address and verified identity.
+struct Caller {
+    peer: SocketAddr,
+    who: Arc<PeerIdentity>,
+}
+
 /// Why a CONNECT is refused, with its status.
 fn check_target(
     ctx: &Context,
+    scope: &Scope,
     request: &Request<h2::RecvStream>,
-) -> Result<SocketAddrV4, (StatusCode, &'static str)> {
+) -> Result<(SocketAddrV4, Arc<crate::config::Workload>), (StatusCode, &'static str)> {
     if request.method() != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect"));
     }
@@ -140,20 +160,23 @@ fn check_target(
         return Err((StatusCode::FORBIDDEN, "meshd_port"));
     }
     let ip = *target.ip();
-    let workload_port = ctx.inbound.contains_key(&target.port());
-    if ip.is_loopback() || ip.is_unspecified() || !workload_port || !ctx.local_addrs.contains(ip) {
-        return Err((StatusCode::FORBIDDEN, "not_local_workload"));
+    let refused = (StatusCode::FORBIDDEN, "not_local_workload");
+    let workload = ctx.inbound_workload(scope, target).ok_or(refused)?;
+    let local = scope.pod.is_some() || ctx.local_addrs.contains(ip);
+    if ip.is_loopback() || ip.is_unspecified() || !local {
+        return Err(refused);
     }
-    Ok(target)
+    Ok((target, workload))
 }
 
 async fn stream_task(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
-    peer: SocketAddr,
-    who: Arc<PeerIdentity>,
+    caller: Caller,
     ctx: Arc<Context>,
+    scope: Scope,
 ) {
+    let Caller { peer, who } = caller;
     let answer = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
             .status(status)
@@ -161,7 +184,7 @@ async fn stream_task(
             .expect("static response");
         respond.send_response(response, true)
     };
-    let target = match check_target(&ctx, &request) {
+    let (target, workload) = match check_target(&ctx, &scope, &request) {
         Ok(t) => t,
         Err((status, reason)) => {
             ctx.metrics.reject(Direction::Inbound, reason);
@@ -177,9 +200,10 @@ async fn stream_task(
         target,
         Some(peer),
     );
-    access.workload = ctx.inbound.get(&target.port()).cloned();
+    access.workload = Some(workload);
     access.peer = Some(who);
-    let mut upstream = match dial(target, ctx.mark, Some(DELIVERY_SOURCE_IP.into())).await {
+    let source = Some(DELIVERY_SOURCE_IP.into());
+    let mut upstream = match dial(target, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics

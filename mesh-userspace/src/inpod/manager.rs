@@ -1,0 +1,284 @@
+//! Each pod's life in meshd: ADD makes its listeners inside its network namespace, has the
+//! interception capture it and serves it; DEL removes all of it; the pods served are recorded in
+//! `pods.state_dir` so that a restarted meshd re-adopts the ones that still exist (their capture
+//! stayed in place meanwhile, so their connections failed rather than leaving in plaintext).
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, Result};
+use mesh_common::ports;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::{
+    netns::Netns,
+    protocol::{PodInfo, DATAPLANE_MODE_LABEL},
+};
+use crate::{
+    config::{PodSettings, Workload},
+    identity::{IdentityManager, SpiffeId},
+    intercept::{PodCapture, PodNet},
+    proxy::{self, inbound, outbound, Context, PodScope, Scope},
+    tls::{self, verify::TrustBundle},
+    tunnel::{
+        self,
+        pool::{ClientIdentity, Pool},
+    },
+};
+
+/// What pods need from meshd's identity: minting per pod, the bundle, the trust domain.
+pub struct PodIdentity {
+    pub manager: Arc<IdentityManager>,
+    pub bundle: Arc<TrustBundle>,
+    pub trust_domain: String,
+}
+
+/// A pod's HBONE client identity and its pool.
+type PodTunnels = (Arc<ClientIdentity>, Pool);
+
+/// One pod meshd serves.
+struct Served {
+    info: PodInfo,
+    tasks: Vec<JoinHandle<()>>,
+    capture: Box<dyn PodCapture>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // The listeners go with their tasks: nothing of the pod keeps being served.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub struct PodManager {
+    ctx: Arc<Context>,
+    identity: Option<PodIdentity>,
+    settings: PodSettings,
+    pods: tokio::sync::Mutex<HashMap<String, Served>>,
+}
+
+impl PodManager {
+    pub fn new(ctx: Arc<Context>, identity: Option<PodIdentity>, settings: PodSettings) -> Self {
+        PodManager {
+            ctx,
+            identity,
+            settings,
+            pods: Default::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.ctx.metrics
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.settings.state_dir.join("pods.json")
+    }
+
+    /// Whether a pod belongs in the mesh (not by its namespace or its dataplane-mode label).
+    pub fn in_mesh(&self, info: &PodInfo) -> bool {
+        let excluded = self.settings.excluded_namespaces.contains(&info.namespace);
+        let opted_out = info
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .is_some_and(|v| v == "none");
+        !excluded && !opted_out
+    }
+
+    /// ADD: serves the pod; returns whether it is meshed. Repeating an ADD is harmless.
+    pub async fn add(&self, info: PodInfo) -> Result<bool> {
+        if !self.in_mesh(&info) {
+            tracing::info!(pod = %info.name, namespace = %info.namespace, "pod outside the mesh: left untouched");
+            return Ok(false);
+        }
+        let mut pods = self.pods.lock().await;
+        if pods.get(&info.container_id).is_some_and(|s| s.info == info) {
+            return Ok(true);
+        }
+        if let Some(old) = pods.remove(&info.container_id) {
+            old.capture.remove()?;
+        }
+        let served = self.serve(info.clone()).await?;
+        pods.insert(info.container_id.clone(), served);
+        self.ctx.metrics.pods.set(pods.len() as i64);
+        self.persist(&pods)?;
+        tracing::info!(pod = %info.name, namespace = %info.namespace, ip = %info.ip,
+            netns = %info.netns.display(), "pod captured and served from inside its namespace");
+        Ok(true)
+    }
+
+    /// DEL: removes the pod's capture, listeners and identity entry. Unknown pods are fine.
+    pub async fn del(&self, container_id: &str) -> Result<()> {
+        let mut pods = self.pods.lock().await;
+        let Some(served) = pods.remove(container_id) else {
+            return Ok(());
+        };
+        served.capture.remove()?;
+        self.ctx.registry.remove_local_pod(served.info.ip);
+        tracing::info!(pod = %served.info.name, "pod removed");
+        drop(served);
+        self.ctx.metrics.pods.set(pods.len() as i64);
+        self.persist(&pods)
+    }
+
+    /// CHECK: the pod is served and its namespace still the one it was added with.
+    pub async fn check(&self, container_id: &str) -> Result<()> {
+        let pods = self.pods.lock().await;
+        let served = pods
+            .get(container_id)
+            .with_context(|| format!("meshd does not serve pod {container_id}"))?;
+        anyhow::ensure!(
+            served.tasks.iter().all(|t| !t.is_finished()),
+            "pod {container_id}: a listener stopped"
+        );
+        Ok(())
+    }
+
+    /// After a restart: serves again every recorded pod whose namespace still exists.
+    pub async fn readopt(&self) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(self.state_file()) else {
+            return Ok(());
+        };
+        let recorded: Vec<PodInfo> = serde_json::from_str(&text)
+            .with_context(|| format!("read {}", self.state_file().display()))?;
+        for info in recorded {
+            let name = info.name.clone();
+            if !info.netns.exists() {
+                tracing::info!(pod = %name, "recorded pod is gone; not re-adopted");
+                continue;
+            }
+            match self.add(info).await {
+                Ok(_) => self.ctx.metrics.pod_event("readopt", "ok"),
+                Err(e) => {
+                    self.ctx.metrics.pod_event("readopt", "failed");
+                    tracing::warn!(pod = %name, error = %format!("{e:#}"), "cannot re-adopt pod");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn persist(&self, pods: &HashMap<String, Served>) -> Result<()> {
+        let list: Vec<&PodInfo> = pods.values().map(|s| &s.info).collect();
+        std::fs::create_dir_all(&self.settings.state_dir)?;
+        let tmp = self.state_file().with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
+        std::fs::rename(&tmp, self.state_file()).context("record the pods meshd serves")
+    }
+
+    async fn serve(&self, info: PodInfo) -> Result<Served> {
+        let netns = Arc::new(
+            Netns::open(&info.netns)
+                .with_context(|| format!("open the pod's namespace {}", info.netns.display()))?,
+        );
+        let listen = |ip: Ipv4Addr, port: u16| listen_in(&netns, ip, port);
+        let outbound_l = listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?;
+        let inbound_l = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
+        let workload = Arc::new(pod_workload(&info));
+        let (tunnels, hbone) = match &self.identity {
+            Some(id) => {
+                let (tunnels, server) = self.pod_tls(id, &workload, &netns)?;
+                let hbone = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?;
+                (Some(tunnels), Some((hbone, server)))
+            }
+            None => (None, None),
+        };
+        let pod = PodNet {
+            id: &info.container_id,
+            netns: &netns,
+            ip: info.ip,
+            inbound_listener: inbound_l.as_fd(),
+        };
+        let capture = self.ctx.interception.capture_pod(&pod)?;
+        if let Some((client, _)) = &tunnels {
+            self.ctx.registry.add_local_pod(info.ip, client.id.clone());
+        }
+        let scope = Scope {
+            pod: Some(Arc::new(PodScope {
+                workload,
+                netns: netns.clone(),
+                ip: info.ip,
+                tunnels,
+            })),
+        };
+        let ctx = &self.ctx;
+        let mut tasks = vec![
+            tokio::spawn(proxy::accept_loop(
+                outbound_l,
+                ctx.clone(),
+                scope.clone(),
+                outbound::handle,
+            )),
+            tokio::spawn(proxy::accept_loop(
+                inbound_l,
+                ctx.clone(),
+                scope.clone(),
+                inbound::handle,
+            )),
+        ];
+        if let Some((listener, tls)) = hbone {
+            tasks.push(tokio::spawn(tunnel::server::serve(
+                listener,
+                ctx.clone(),
+                tls,
+                scope,
+            )));
+        }
+        Ok(Served {
+            info,
+            tasks,
+            capture,
+        })
+    }
+
+    /// The pod's SVID: its HBONE client identity (tunnels leave from inside the pod) and the
+    /// :15008 server configuration presenting it.
+    fn pod_tls(
+        &self,
+        id: &PodIdentity,
+        workload: &Workload,
+        netns: &Arc<Netns>,
+    ) -> Result<(PodTunnels, Arc<rustls::ServerConfig>)> {
+        let spiffe = SpiffeId::new(
+            &id.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )?;
+        let svid = id.manager.ensure(&spiffe)?;
+        let server = tls::config::server_config(id.bundle.clone(), svid.clone())?;
+        let client = Arc::new(ClientIdentity::new(spiffe, svid, id.bundle.clone()));
+        let pool = Pool::new(self.ctx.mark, self.ctx.metrics.clone(), Some(netns.clone()));
+        Ok(((client, pool), server))
+    }
+}
+
+/// A listener made inside the pod's namespace, served from meshd's event loop.
+fn listen_in(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
+    let addr = SocketAddr::new(ip.into(), port);
+    let std = netns
+        .run(|| std::net::TcpListener::bind(addr))
+        .with_context(|| format!("listen on {addr} inside {}", netns.path.display()))?;
+    std.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(std)?)
+}
+
+/// The pod as the proxy stages see a workload. Its service account defaults to `default`, as in
+/// Kubernetes.
+fn pod_workload(info: &PodInfo) -> Workload {
+    Workload {
+        name: info.name.clone(),
+        namespace: info.namespace.clone(),
+        service_account: info.service_account.clone().unwrap_or("default".into()),
+        cgroup_path: PathBuf::new(),
+        cgroup_id: 0,
+        ports: Vec::new(),
+        sk_msg_bypass: false,
+    }
+}
