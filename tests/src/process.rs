@@ -29,6 +29,12 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts `argv` in `cgroup` and `node`'s network namespace (for namespaces a test makes
+    /// itself, e.g. a pod's: any `TestNode` whose `netns` names it).
+    pub fn spawn_in(node: &TestNode, cgroup: &Path, argv: &[&str]) -> Result<Process> {
+        Process::spawn(node, cgroup, argv)
+    }
+
     pub(crate) fn spawn(node: &TestNode, cgroup: &Path, argv: &[&str]) -> Result<Process> {
         let (program, args) = argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
         std::fs::create_dir_all(cgroup)

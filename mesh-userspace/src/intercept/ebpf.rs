@@ -399,7 +399,7 @@ impl Interception for EbpfInterception {
             ip: ip_key(*app.ip()),
             port: app.port(),
             _pad: 0,
-                netns: scope
+            netns: scope
                 .pod
                 .as_ref()
                 .map_or(self.home_netns, |p| p.netns.cookie),
