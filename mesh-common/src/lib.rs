@@ -167,7 +167,9 @@ pub mod counters {
     pub const BYPASS_SOCKETS: u32 = 5;
     /// sk_msg found no peer socket for a connection's first bytes: that connection keeps TCP.
     pub const BYPASS_FALLBACK: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// sk_lookup in a meshed pod found no :15006 of meshd (meshd is down): connection refused.
+    pub const INBOUND_REFUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 #[cfg(feature = "user")]

@@ -53,6 +53,7 @@ const LOOPBACK_V4: u32 = 0x7f00_0001;
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 
 #[map]
 static MESH_CONFIG: Array<MeshConfig> = Array::with_max_entries(1, 0);
@@ -455,14 +456,21 @@ pub fn mesh_sk_lookup_pods(ctx: SkLookupContext) -> u32 {
     {
         return SK_PASS;
     }
+    if u32::from_be(lk.local_ip4) >> 24 == 127 {
+        return SK_PASS;
+    }
     let mut pod_ip = lk.local_ip4;
     if POD_LISTENERS
         .redirect_sk_lookup(&ctx, &mut pod_ip, 0)
         .is_ok()
     {
         count(counters::INBOUND_CAPTURED);
+        return SK_PASS;
     }
-    SK_PASS
+    // This program is attached only to meshed pods' namespaces: no :15006 to hand the
+    // connection to means meshd is gone, and the pod must not be reached around it.
+    count(counters::INBOUND_REFUSED);
+    SK_DROP
 }
 
 #[cfg(not(test))]

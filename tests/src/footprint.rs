@@ -23,6 +23,8 @@ pub struct Footprint {
     pub cgroups: Vec<PathBuf>,
     pub pids: Vec<i32>,
     pub pin_dir: Option<PathBuf>,
+    /// Files and directories named after the id in the temp dir (configs, captures, state).
+    pub temp_files: Vec<PathBuf>,
 }
 
 impl Footprint {
@@ -35,10 +37,17 @@ impl Footprint {
             .collect();
         let cgroup = meshd::sys::mount_of("cgroup2").map(|m| m.join(id));
         let pin_dir = meshd::sys::mount_of("bpf").map(|m| m.join(id));
+        let temp = std::env::temp_dir();
+        let temp_files = list_dir(&temp)
+            .into_iter()
+            .filter(|n| n.starts_with(&ns_prefix))
+            .map(|n| temp.join(n))
+            .collect();
         let mut fp = Footprint {
             netns,
             cgroup: cgroup.clone(),
             pin_dir,
+            temp_files,
             ..Default::default()
         };
         if let Some(root) = cgroup.filter(|c| c.exists()) {
@@ -73,6 +82,13 @@ impl Footprint {
         }
         if let Some(dir) = self.pin_dir.as_ref().filter(|d| d.exists()) {
             note(fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display())));
+        }
+        for path in &self.temp_files {
+            let removed = match path.is_dir() {
+                true => fs::remove_dir_all(path),
+                false => fs::remove_file(path),
+            };
+            note(removed.with_context(|| format!("remove {}", path.display())));
         }
         first_error.map_or(Ok(()), Err)
     }

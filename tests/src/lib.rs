@@ -8,11 +8,14 @@
 //! Privileged tests begin with [`require_privileges!`]: without root, cgroup v2 or `ip`, they
 //! print why and pass locally, and fail under `CI=true` so a green CI never hides a skip.
 
+mod capture;
 mod footprint;
+pub mod handpods;
 mod mesh;
 mod net;
 mod process;
 
+pub use capture::Capture;
 pub use footprint::Footprint;
 pub use mesh::{start_checkout_orders, start_checkout_orders_with, MeshCa, Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};

@@ -2,11 +2,10 @@
 //! interception modes; nothing readable on the wire; the receiving side names the sender's
 //! SPIFFE ID; pooled tunnels; STRICT refuses plaintext around the mesh.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use testhosts::{
-    require_privileges, sibling_binary, start_checkout_orders, MeshCa, Meshd, Process, TestNet,
+    require_privileges, sibling_binary, start_checkout_orders, Capture, MeshCa, Meshd, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -14,40 +13,6 @@ const MARKER: &str = "MESHD-MARKER-7f3a9c";
 
 fn tool() -> String {
     sibling_binary("testhosts-tool").display().to_string()
-}
-
-/// Captures node 0's link (in the hub namespace) until dropped/stopped.
-fn capture(net: &TestNet, file: &Path) -> Process {
-    let hub = format!("{}-hub", net.id());
-    let argv = [
-        "ip", "netns", "exec", &hub, "tcpdump", "-i", "vn0", "-U", "-s", "0", "-w",
-    ];
-    let mut argv: Vec<&str> = argv.to_vec();
-    let file = file.to_str().unwrap();
-    argv.extend([file, "tcp"]);
-    let mut p = net.host_process(0, &argv).unwrap();
-    p.expect_line_containing("listening on", WAIT).unwrap();
-    p
-}
-
-fn captured_marker(mut tcpdump: Process, file: &Path) -> bool {
-    // tcpdump writes what it has seen a moment later: wait until the file stops growing.
-    let size = || std::fs::metadata(file).map_or(0, |m| m.len());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut last = 0;
-    while std::time::Instant::now() < deadline && (size() <= 24 || size() != last) {
-        last = size();
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    tcpdump.signal(Signal::SIGINT).unwrap();
-    let (_, log) = tcpdump.wait_output(WAIT).unwrap();
-    let bytes = std::fs::read(file).unwrap();
-    let _ = std::fs::remove_file(file);
-    assert!(
-        bytes.len() > 24,
-        "capture is empty, the check could not fail:\n{log}"
-    );
-    bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes())
 }
 
 fn run(net: &TestNet, node: usize, workload: Option<&str>, argv: &[&str]) -> (bool, String) {
@@ -78,24 +43,23 @@ fn workloads_talk_through_mtls_and_nothing_readable_crosses_the_wire() {
         let tool = tool();
         let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
         let target = format!("{}:7000", net.node(1).addr);
-        let pcap = std::env::temp_dir().join(format!("{}.pcap", net.id()));
         let send = [tool.as_str(), "client", &target, "5000", "1", MARKER];
 
         // Without the mesh the marker is on the wire: the capture can see it.
-        let tcpdump = capture(&net, &pcap);
+        let tcpdump = Capture::start(&net, 0).unwrap();
         let (ok, out) = run(&net, 0, Some("checkout"), &send);
         assert!(ok, "{out}");
         assert!(
-            captured_marker(tcpdump, &pcap),
+            tcpdump.saw(MARKER).unwrap(),
             "{mode}: control capture misses the marker"
         );
 
         let (mut a, mut b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
-        let tcpdump = capture(&net, &pcap);
+        let tcpdump = Capture::start(&net, 0).unwrap();
         let (ok, out) = run(&net, 0, Some("checkout"), &send);
         assert!(ok, "{mode}: {out}");
         assert!(
-            !captured_marker(tcpdump, &pcap),
+            !tcpdump.saw(MARKER).unwrap(),
             "{mode}: marker crossed the wire in plaintext"
         );
 

@@ -1,183 +1,37 @@
-//! Pods announced through the CNI plugin as a runtime calls it, with network namespaces the test
-//! makes itself (the runtime-free half of the pod tests; `pods.rs` runs real podman pods):
-//! meshd serves each pod from inside its namespace, in both modes, and ADD fails closed when
-//! meshd is not there.
+//! Pods announced through the CNI plugin exactly as a runtime calls it, in namespaces the test
+//! makes itself (`testhosts::handpods`; real podman pods are in `pods.rs`). meshd serves each pod
+//! from inside its namespace in both modes: pod IP to pod IP through mTLS with per-pod
+//! identities, nothing readable on the wire, colliding in-pod tuples kept apart, a server with
+//! the wrong identity refused, ADD failing closed and pods re-adopted across a meshd SIGKILL.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use testhosts::{
-    meshd_bin, require_privileges, sibling_binary, MeshCa, Meshd, Process, TestNet, TestNode,
+    handpods::{cni, hand_pod, pods_config, route_pod_subnets, run_in_pod, start_pods_meshd},
+    require_privileges, sibling_binary, Capture, MeshCa, Meshd, TestNet, WorkloadSpec,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
+const MARKER: &str = "MESHD-POD-MARKER-5c1e";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 
-/// A pod made by hand as a runtime would: its own netns joined to the node by a veth, address
-/// 198.19.<node>.<k+2>, a cgroup below the node's pods parent.
-struct HandPod {
-    node: TestNode,
-    netns: String,
-    ip: String,
-    cgroup: PathBuf,
-    id: String,
+fn tool() -> String {
+    sibling_binary("testhosts-tool").display().to_string()
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn logs(a: &mut Meshd, b: &mut Meshd) -> String {
+    let (a, b) = (a.process.output_so_far(), b.process.output_so_far());
+    format!("node 0:\n{}\nnode 1:\n{}", a.join("\n"), b.join("\n"))
 }
 
-fn pods_parent(net: &TestNet, node: usize) -> PathBuf {
-    let p = net.cgroup().join(format!("pods-n{node}"));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-/// Routes for pod subnets: every node reaches 198.19.<m>.0/24 through node m.
-fn route_pod_subnets(net: &TestNet) {
-    for n in net.nodes() {
-        ip(&[
-            "netns",
-            "exec",
-            &n.netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        for m in net.nodes().iter().filter(|m| m.index != n.index) {
-            let subnet = format!("198.19.{}.0/24", m.index);
-            ip(&[
-                "-n",
-                &n.netns,
-                "route",
-                "add",
-                &subnet,
-                "via",
-                &m.addr.to_string(),
-            ]);
-        }
-    }
-}
-
-fn hand_pod(net: &TestNet, node: usize, k: usize) -> HandPod {
-    let n = net.node(node).clone();
-    let netns = format!("{}-p{k}", n.netns);
-    ip(&["netns", "add", &netns]);
-    let veth = format!("p{k}");
-    ip(&[
-        "-n", &n.netns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
-        &netns,
-    ]);
-    let gw = format!("198.19.{node}.1");
-    let addr = format!("198.19.{node}.{}", k + 2);
-    ip(&[
-        "-n",
-        &n.netns,
-        "addr",
-        "add",
-        &format!("{gw}/32"),
-        "dev",
-        &veth,
-    ]);
-    ip(&["-n", &n.netns, "link", "set", &veth, "up"]);
-    ip(&[
-        "-n",
-        &n.netns,
-        "route",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        &veth,
-    ]);
-    ip(&[
-        "-n",
-        &netns,
-        "addr",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        "eth0",
-    ]);
-    ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-    ip(&["-n", &netns, "link", "set", "lo", "up"]);
-    ip(&[
-        "-n",
-        &netns,
-        "route",
-        "add",
-        &format!("{gw}/32"),
-        "dev",
-        "eth0",
-    ]);
-    ip(&[
-        "-n", &netns, "route", "add", "default", "via", &gw, "dev", "eth0",
-    ]);
-    let node_of_pod = TestNode {
-        netns: netns.clone(),
-        ..n.clone()
-    };
-    HandPod {
-        cgroup: pods_parent(net, node).join(format!("p{k}")),
-        id: format!("{netns}-sandbox"),
-        node: node_of_pod,
-        netns,
-        ip: addr,
-    }
-}
-
-/// Runs `meshd-cni COMMAND` as a runtime does (env + chained conf on stdin).
-fn cni(command: &str, pod: &HandPod, name: &str, socket: &str) -> (bool, String) {
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "pods", "type": "meshd-cni", "meshd_socket": socket,
-        "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]},
-    });
-    let mut child = Command::new(sibling_binary("meshd-cni"))
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.id)
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_SERVICE_ACCOUNT={name}"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn run_in_pod(pod: &HandPod, argv: &[&str]) -> Process {
-    Process::spawn_in(&pod.node, &pod.cgroup, argv).unwrap()
-}
-
-fn start_meshd(net: &TestNet, ca: &MeshCa, node: usize, mode: &str) -> (Meshd, String) {
-    let parent = pods_parent(net, node);
-    let mount = meshd::sys::ensure_cgroup2().unwrap();
-    let rel = parent.strip_prefix(&mount).unwrap().display().to_string();
-    let state = std::env::temp_dir().join(format!("{}-n{node}-state", net.id()));
-    let socket = state.join("cni.sock").display().to_string();
-    let extra = format!(
-        "{}pods:\n  cni_socket: {socket}\n  state_dir: {}\n  cgroup_parent: /{rel}\n",
-        ca.config(node, "1h", &[]),
-        state.display()
-    );
-    let meshd = net.start_meshd_with(node, mode, &[], &extra).unwrap();
-    (meshd, socket)
+fn metric(meshd: &Meshd, net: &TestNet, node: usize, series: &str) -> u64 {
+    let text = meshd.metrics(net, node).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 #[test]
@@ -187,47 +41,288 @@ fn pods_reach_pods_on_other_nodes_through_mtls_with_their_own_identities() {
         let net = TestNet::new(2).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         route_pod_subnets(&net);
-        let (mut m0, s0) = start_meshd(&net, &ca, 0, mode);
-        let (mut m1, s1) = start_meshd(&net, &ca, 1, mode);
-        let a = hand_pod(&net, 0, 0);
-        let b = hand_pod(&net, 1, 0);
-        let (ok, out) = cni("ADD", &a, "web", &s0);
-        assert!(ok, "{mode}: ADD a: {out}");
-        let (ok, out) = cni("ADD", &b, "db", &s1);
-        assert!(ok, "{mode}: ADD b: {out}");
-        let tool = sibling_binary("testhosts-tool").display().to_string();
+        let (a, b) = (hand_pod(&net, 0, 0), hand_pod(&net, 1, 0));
+        let tool = tool();
         let mut server = run_in_pod(&b, &[&tool, "echo-server", "0.0.0.0:7000"]);
         server.expect_line("ready", WAIT).unwrap();
         let target = format!("{}:7000", b.ip);
-        let mut client = run_in_pod(&a, &[&tool, "client", &target, "1000", "3"]);
-        let (status, out) = client.wait_output(WAIT).unwrap();
+        let send = [tool.as_str(), "client", &target, "3000", "3", MARKER];
+
+        // Before the pods are meshed the marker crosses in plaintext: the capture can see it.
+        let capture = Capture::start(&net, 0).unwrap();
+        let (status, out) = run_in_pod(&a, &send).wait_output(WAIT).unwrap();
+        assert!(status.success(), "{mode}: {out}");
+        assert!(
+            capture.saw(MARKER).unwrap(),
+            "{mode}: control capture misses the marker"
+        );
+
+        // Node 0 knows which identity answers at B; it also serves a host workload.
+        let known = format!(
+            "  identities:\n  - {{address: {}, spiffe_id: \"{DB}\"}}\n",
+            b.ip
+        );
+        let (config, s0) = pods_config(&net, &ca, 0, &known);
+        let host = [WorkloadSpec {
+            name: "checkout",
+            ports: &[],
+        }];
+        let mut m0 = net.start_meshd_with(0, mode, &host, &config).unwrap();
+        let (mut m1, s1) = start_pods_meshd(&net, &ca, 1, mode, "");
+        for (pod, name, socket) in [(&a, "web", &s0), (&b, "db", &s1)] {
+            let (ok, out) = cni("ADD", pod, name, socket);
+            assert!(ok, "{mode}: ADD {name}: {out}");
+        }
+        let capture = Capture::start(&net, 0).unwrap();
+        let (status, out) = run_in_pod(&a, &send).wait_output(WAIT).unwrap();
         assert!(
             status.success(),
-            "{mode}: {out}\nnode0:\n{}\nnode1:\n{}",
-            m0.process.output_so_far().join("\n"),
-            m1.process.output_so_far().join("\n")
+            "{mode}: {out}\n{}",
+            logs(&mut m0, &mut m1)
         );
-        assert!(out.contains(&format!("peer {target}")), "{mode}: {out}");
-        let lines = m1
+        assert!(
+            out.contains(&format!("peer {target}")),
+            "{mode}: getpeername: {out}"
+        );
+        assert!(
+            !capture.saw(MARKER).unwrap(),
+            "{mode}: marker crossed in plaintext"
+        );
+
+        let inbound = m1
             .wait_access(&["direction=inbound", "transport=hbone"], 3)
             .unwrap();
         assert!(
-            lines[0].contains("peer=spiffe://cluster.local/ns/shop/sa/web"),
-            "{mode}: {lines:?}"
+            inbound[0].contains(&format!("peer={WEB}")),
+            "{mode}: {inbound:?}"
         );
         assert!(
-            lines[0].contains(&format!("src={}:", a.ip)),
-            "{mode}: source is the pod IP: {lines:?}"
+            inbound[0].contains(&format!("src={}:", a.ip)),
+            "{mode}: source: {inbound:?}"
         );
-        let lines = m0
+        let outbound = m0
             .wait_access(&["direction=outbound", "transport=hbone"], 3)
             .unwrap();
         assert!(
-            lines[0].contains("peer=spiffe://cluster.local/ns/shop/sa/db"),
-            "{mode}: {lines:?}"
+            outbound[0].contains(&format!("peer={DB}")),
+            "{mode}: {outbound:?}"
         );
-        let (ok, out) = cni("DEL", &a, "web", &s0);
-        assert!(ok, "{mode}: DEL: {out}");
-        let _ = meshd_bin();
+        assert!(
+            outbound[0].contains("server_check=verified"),
+            "{mode}: {outbound:?}"
+        );
+
+        // The host workload on node 0 reaches the pod in the same run.
+        let mut host_client = net
+            .workload(0, "checkout", &[&tool, "client", &target, "100", "1"])
+            .unwrap();
+        let (status, out) = host_client.wait_output(WAIT).unwrap();
+        assert!(status.success(), "{mode}: host workload to pod: {out}");
+        m1.wait_access(
+            &[
+                "direction=inbound",
+                "peer=spiffe://cluster.local/ns/default/sa/checkout",
+            ],
+            1,
+        )
+        .unwrap();
+
+        // An independent HBONE client sees B's own SVID at B's :15008, not a node certificate.
+        let probe = hbone_probe(&net, &ca, &b.ip);
+        assert!(
+            probe.contains(&format!("server-id {DB}")),
+            "{mode}: {probe}"
+        );
+
+        pod_deletion_leaves_nothing(&net, mode, &a, &s0);
+    }
+}
+
+/// Mints a client SVID and asks B's :15008 from node 0 who it is.
+fn hbone_probe(net: &TestNet, ca: &MeshCa, pod_ip: &str) -> String {
+    use meshd::identity::{ca as mesh_ca, svid, SpiffeId};
+    let issuer = mesh_ca::Issuer::load(&ca.dir.join("n0.crt"), &ca.dir.join("n0.key")).unwrap();
+    let id = SpiffeId::new("cluster.local", "shop", "probe").unwrap();
+    let minted = svid::mint(&issuer, &id, Duration::from_secs(3600)).unwrap();
+    let (crt, key) = (ca.dir.join("probe.crt"), ca.dir.join("probe.key"));
+    std::fs::write(&crt, minted.chain_pem).unwrap();
+    std::fs::write(&key, minted.key_pem).unwrap();
+    let addr = format!("{pod_ip}:15008");
+    let authority = format!("{pod_ip}:7000");
+    let (crt, key) = (crt.display().to_string(), key.display().to_string());
+    let tool = tool();
+    net.exec(0, &[&tool, "hbone", &addr, &authority, &crt, &key])
+        .unwrap()
+}
+
+/// DEL: the pod's listeners, rules and programs are gone.
+fn pod_deletion_leaves_nothing(
+    net: &TestNet,
+    mode: &str,
+    pod: &testhosts::handpods::HandPod,
+    socket: &str,
+) {
+    let (ok, out) = cni("DEL", pod, "web", socket);
+    assert!(ok, "{mode}: DEL: {out}");
+    let (_, listening) = run_in_pod(pod, &["ss", "-Hltn"]).wait_output(WAIT).unwrap();
+    for port in [":15001", ":15006", ":15008"] {
+        assert!(
+            !listening.contains(port),
+            "{mode}: {port} still open in the pod: {listening}"
+        );
+    }
+    let (_, nat) = run_in_pod(pod, &["iptables-save", "-t", "nat"])
+        .wait_output(WAIT)
+        .unwrap();
+    assert!(
+        !nat.contains("MESH_"),
+        "{mode}: rules left in the pod: {nat}"
+    );
+    let pins = net.pin_dir().unwrap().join("n0/pods");
+    let left: Vec<_> = std::fs::read_dir(&pins).map_or(Vec::new(), |d| {
+        d.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("sk_lookup"))
+            .collect()
+    });
+    assert!(left.is_empty(), "{mode}: pod links still pinned: {left:?}");
+}
+
+#[test]
+fn pods_with_identical_in_pod_tuples_do_not_mix() {
+    require_privileges!();
+    for mode in ["ebpf", "iptables"] {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        route_pod_subnets(&net);
+        let (web, api, b) = (
+            hand_pod(&net, 0, 0),
+            hand_pod(&net, 0, 1),
+            hand_pod(&net, 1, 0),
+        );
+        let (mut m0, s0) = start_pods_meshd(&net, &ca, 0, mode, "");
+        let (mut m1, s1) = start_pods_meshd(&net, &ca, 1, mode, "");
+        for (pod, name, socket) in [(&web, "web", &s0), (&api, "api", &s0), (&b, "db", &s1)] {
+            let (ok, out) = cni("ADD", pod, name, socket);
+            assert!(ok, "{mode}: ADD {name}: {out}");
+        }
+        let tool = tool();
+        let mut server = run_in_pod(&b, &[&tool, "echo-server", "0.0.0.0:7000"]);
+        server.expect_line("ready", WAIT).unwrap();
+        let target = format!("{}:7000", b.ip);
+        // Both pods' applications connect from 127.0.0.1:40000 of their own namespace at once.
+        let argv = [
+            "env",
+            "BIND_PORT=40000",
+            &tool,
+            "client",
+            &target,
+            "2000",
+            "1",
+        ];
+        const ROUNDS: usize = 8;
+        for round in 0..ROUNDS {
+            let mut clients = [run_in_pod(&web, &argv), run_in_pod(&api, &argv)];
+            for c in &mut clients {
+                let (status, out) = c.wait_output(WAIT).unwrap();
+                assert!(
+                    status.success(),
+                    "{mode} round {round}: {out}\n{}",
+                    logs(&mut m0, &mut m1)
+                );
+            }
+        }
+        for (id, pod) in [(WEB, &web), ("spiffe://cluster.local/ns/shop/sa/api", &api)] {
+            let peer = format!("peer={id}");
+            let lines = m1
+                .wait_access(&["direction=inbound", &peer], ROUNDS)
+                .unwrap();
+            let src = format!("src={}:", pod.ip);
+            assert!(lines.iter().all(|l| l.contains(&src)), "{mode}: {lines:?}");
+        }
+    }
+}
+
+#[test]
+fn a_server_presenting_another_identity_is_refused() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    route_pod_subnets(&net);
+    let (a, b) = (hand_pod(&net, 0, 0), hand_pod(&net, 1, 0));
+    let impostor = "spiffe://cluster.local/ns/shop/sa/payments";
+    let known = format!(
+        "  identities:\n  - {{address: {}, spiffe_id: \"{impostor}\"}}\n",
+        b.ip
+    );
+    let (m0, s0) = start_pods_meshd(&net, &ca, 0, "ebpf", &known);
+    let (_m1, s1) = start_pods_meshd(&net, &ca, 1, "ebpf", "");
+    assert!(cni("ADD", &a, "web", &s0).0 && cni("ADD", &b, "db", &s1).0);
+    let tool = tool();
+    let mut server = run_in_pod(&b, &[&tool, "echo-server", "0.0.0.0:7000"]);
+    server.expect_line("ready", WAIT).unwrap();
+    let target = format!("{}:7000", b.ip);
+    let (status, out) = run_in_pod(&a, &[&tool, "client", &target, "100", "1"])
+        .wait_output(WAIT)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the connection to an impostor went through: {out}"
+    );
+    let refused =
+        "meshd_connections_rejected_total{direction=\"outbound\",reason=\"unexpected_identity\"}";
+    assert_eq!(metric(&m0, &net, 0, refused), 1);
+}
+
+#[test]
+fn a_sigkilled_meshd_fails_closed_and_readopts_its_pods() {
+    require_privileges!();
+    for mode in ["ebpf", "iptables"] {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        route_pod_subnets(&net);
+        let (a, b) = (hand_pod(&net, 0, 0), hand_pod(&net, 1, 0));
+        let (config0, s0) = pods_config(&net, &ca, 0, "");
+        let (config1, s1) = pods_config(&net, &ca, 1, "");
+        let mut m0 = net.start_meshd_with(0, mode, &[], &config0).unwrap();
+        let mut m1 = net.start_meshd_with(1, mode, &[], &config1).unwrap();
+        assert!(cni("ADD", &a, "web", &s0).0 && cni("ADD", &b, "db", &s1).0);
+        let tool = tool();
+        let mut server = run_in_pod(&b, &[&tool, "echo-server", "0.0.0.0:7000"]);
+        server.expect_line("ready", WAIT).unwrap();
+        let target = format!("{}:7000", b.ip);
+        let send = [tool.as_str(), "client", &target, "3000", "1", MARKER];
+        let (status, out) = run_in_pod(&a, &send).wait_output(WAIT).unwrap();
+        assert!(status.success(), "{mode}: {out}");
+
+        let capture = Capture::start(&net, 0).unwrap();
+        for m in [&mut m0, &mut m1] {
+            m.process.signal(Signal::SIGKILL).unwrap();
+            let _ = m.process.wait_output(WAIT);
+        }
+        // Outbound from the pod and inbound to the pod around the mesh: both refused.
+        let (status, out) = run_in_pod(&a, &send).wait_output(WAIT).unwrap();
+        assert!(
+            !status.success(),
+            "{mode}: pod A reached B while meshd was down: {out}"
+        );
+        let (ok, _) = (net.exec(0, &send).is_ok(), ());
+        assert!(!ok, "{mode}: node 0 reached pod B around the dead meshd");
+        // A new pod cannot start unprotected while meshd is away.
+        let c = hand_pod(&net, 0, 1);
+        let (ok, out) = cni("ADD", &c, "late", &s0);
+        assert!(
+            !ok && out.contains("not started unprotected"),
+            "{mode}: {out}"
+        );
+
+        let _m0 = net.start_meshd_with(0, mode, &[], &config0).unwrap();
+        let _m1 = net.start_meshd_with(1, mode, &[], &config1).unwrap();
+        let (status, out) = run_in_pod(&a, &send).wait_output(WAIT).unwrap();
+        assert!(status.success(), "{mode}: after re-adoption: {out}");
+        assert!(
+            !capture.saw(MARKER).unwrap(),
+            "{mode}: marker crossed in plaintext"
+        );
     }
 }

@@ -65,13 +65,14 @@ struct PodMaps {
 }
 
 /// The eBPF programs' counters, by the event name metrics and logs use.
-const KERNEL_EVENTS: [(&str, u32); 6] = [
+const KERNEL_EVENTS: [(&str, u32); 7] = [
     ("steered", counters::STEERED),
     ("excluded", counters::EXCLUDED),
     ("record_failed", counters::RECORD_FAILED),
     ("inbound_captured", counters::INBOUND_CAPTURED),
     ("bypass_sockets", counters::BYPASS_SOCKETS),
     ("bypass_kept_on_tcp", counters::BYPASS_FALLBACK),
+    ("inbound_refused_meshd_down", counters::INBOUND_REFUSED),
 ];
 
 /// Whether the sk_msg loopback bypass runs, and what it holds.

@@ -234,7 +234,7 @@ impl Access {
             peer_serial = %self.peer.as_ref().map_or("-", |p| p.serial.as_str()),
             src = %self.src.map_or("?".into(), |p| p.to_string()),
             dst = %self.dst,
-            server_check = self.server_check,
+            server_check = %self.server_check,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,

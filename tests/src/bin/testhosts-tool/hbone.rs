@@ -100,6 +100,14 @@ async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
+    let server = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshd::tls::verify::identity_of(leaf).ok())
+        .map_or("none".to_string(), |p| p.id.to_string());
+    println!("server-id {server}");
     let (send, conn) = h2::client::handshake(tls)
         .await
         .map_err(|e| e.to_string())?;

@@ -7,7 +7,8 @@
 //!                                        open CONNS connections at once, send BYTES each
 //!                                        (MARKER repeated, if given), half-close, read the echo
 //!                                        back and compare; print `peer ADDR` (getpeername) and
-//!                                        `ok CONNS BYTES`
+//!                                        `ok CONNS BYTES`; `BIND_PORT=N` binds local port N
+//!                                        first
 //! testhosts-tool client-nonblocking ADDR BYTES CONNS
 //!                                        the same with non-blocking sockets and readiness
 //!                                        (tokio), as event-driven applications do
@@ -16,7 +17,8 @@
 //! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
 //! testhosts-tool hbone ADDR AUTHORITY [CERT KEY]
 //!                                        mTLS (TLS 1.3, ALPN h2) to ADDR with the given client
-//!                                        SVID, CONNECT AUTHORITY; print `status N` and, on 200,
+//!                                        SVID, CONNECT AUTHORITY; print `server-id SPIFFE_ID`
+//!                                        (the server's URI SAN), `status N` and, on 200,
 //!                                        `echo ok` after a round trip; `tls-error ...` on failure
 
 use std::{
@@ -178,7 +180,7 @@ fn one_connection_nonblocking(
 
 fn one_connection(addr: &str, sent: Vec<u8>) -> Result<(String, Vec<u8>, Vec<u8>), String> {
     let bytes = sent.len();
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut stream = connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?.to_string();
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let send = thread::spawn(move || {
@@ -195,6 +197,25 @@ fn one_connection(addr: &str, sent: Vec<u8>) -> Result<(String, Vec<u8>, Vec<u8>
         .map_err(|_| "writer panicked".to_string())?
         .map_err(|e| format!("write to {addr}: {e}"))?;
     Ok((peer, sent, got))
+}
+
+/// Connects to `addr`; with `BIND_PORT=N` in the environment, from local port N (tests make two
+/// pods' connections have the very same in-pod tuple).
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let Some(port) = std::env::var("BIND_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return TcpStream::connect(addr);
+    };
+    let dst: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{addr} is not ip:port")))?;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    sock.connect(&dst.into())?;
+    Ok(sock.into())
 }
 
 fn repeat(addr: &str, secs: usize) -> Result<(), String> {
