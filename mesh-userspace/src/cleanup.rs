@@ -55,7 +55,7 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Runs `meshd cleanup`: pinned links and maps under `pin_dir` (default `<bpffs>/meshd`), and
 /// meshd's iptables chains in this network namespace. Reports what it removed.
-pub fn run(pin_dir: Option<PathBuf>) -> Result<()> {
+pub fn run(pin_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
     let dir = pin_dir.unwrap_or_else(crate::config::default_pin_dir);
     let removed = remove_pins(&dir)?;
     for path in &removed {
@@ -70,8 +70,22 @@ pub fn run(pin_dir: Option<PathBuf>) -> Result<()> {
         Ok(ipt) => {
             let n = ipt.remove().context("remove meshd's iptables rules")?;
             println!("{n} iptables chains and jumps removed");
+            remove_pod_rules(&ipt, &state_dir.unwrap_or_else(|| "/run/meshd".into()))?;
         }
         Err(e) => println!("iptables not usable here ({e}): no rules to remove"),
+    }
+    Ok(())
+}
+
+/// Rules meshd put inside the pods it recorded (`pods.state_dir/pods.json`) that still exist.
+fn remove_pod_rules(ipt: &iptables_fallback::Iptables, state_dir: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(state_dir.join("pods.json")) else {
+        return Ok(());
+    };
+    let pods: Vec<crate::inpod::protocol::PodInfo> = serde_json::from_str(&text)?;
+    for pod in pods.iter().filter(|p| p.netns.exists()) {
+        let n = ipt.in_netns(&pod.netns).remove()?;
+        println!("pod {}: {n} iptables chains and jumps removed", pod.name);
     }
     Ok(())
 }

@@ -47,6 +47,10 @@ pub enum Command {
         /// The pin directory meshd used (`proxy.pin_dir`); default `<bpffs>/meshd`.
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// Where meshd recorded the pods it served (`pods.state_dir`): their in-pod rules go
+        /// too. Default /run/meshd.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// The embedded certificate authority.
     #[command(subcommand)]

@@ -14,7 +14,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor => cli::doctor(&cli.assume_missing),
-        Command::Cleanup { pin_dir } => meshd::cleanup::run(pin_dir),
+        Command::Cleanup { pin_dir, state_dir } => meshd::cleanup::run(pin_dir, state_dir),
         Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
         Command::Ca(command) => cli::ca(command),
         Command::InstallCni {

@@ -59,13 +59,21 @@ pub fn rule_spec(cfg: &Validated) -> RuleSpec {
 pub fn install(cfg: &Validated) -> Result<IptablesInterception> {
     let iptables = Iptables::detect()?;
     let spec = rule_spec(cfg);
-    iptables
-        .apply(&spec)
-        .context("install meshd's iptables rules")?;
-    tracing::info!(
-        backend = iptables.backend.name(),
-        "iptables rules applied and verified"
-    );
+    if cfg.workloads.is_empty() {
+        // Only pods: the node's own processes (kubelet, sshd) are none of meshd's business.
+        iptables
+            .remove()
+            .context("remove meshd's earlier node rules")?;
+        tracing::info!("no host workloads: the node's tables are left untouched");
+    } else {
+        iptables
+            .apply(&spec)
+            .context("install meshd's iptables rules")?;
+        tracing::info!(
+            backend = iptables.backend.name(),
+            "iptables rules applied and verified"
+        );
+    }
     Ok(IptablesInterception {
         iptables,
         workloads: Workloads::new(&cfg.workloads),
@@ -137,6 +145,9 @@ impl Interception for IptablesInterception {
     }
 
     fn status(&self) -> String {
+        if self.workloads.iter().next().is_none() {
+            return "no host workloads: node rules not installed (pods carry their own)".into();
+        }
         match self.iptables.present() {
             Ok(true) => format!("iptables rules present ({})", self.iptables.backend.name()),
             Ok(false) => "iptables rules MISSING: someone removed them".into(),
