@@ -134,7 +134,7 @@ fn pods_reach_pods_on_other_nodes_through_mtls_with_their_own_identities() {
             "{mode}: {probe}"
         );
 
-        pod_deletion_leaves_nothing(&net, mode, &a, &s0);
+        pod_deletion_leaves_nothing(&net, mode, &a, &s0, &m0);
     }
 }
 
@@ -155,13 +155,29 @@ fn hbone_probe(net: &TestNet, ca: &MeshCa, pod_ip: &str) -> String {
         .unwrap()
 }
 
-/// DEL: the pod's listeners, rules and programs are gone.
+/// DEL: the pod's listeners, rules, map entries and programs are gone.
 fn pod_deletion_leaves_nothing(
     net: &TestNet,
     mode: &str,
     pod: &testhosts::handpods::HandPod,
     socket: &str,
+    meshd: &Meshd,
 ) {
+    let pod_maps = "meshd_bpf_map_entries{map=\"POD_NETNS\"}";
+    let (_, listening) = run_in_pod(pod, &["ss", "-Hltn"]).wait_output(WAIT).unwrap();
+    for port in [":15001", ":15006", ":15008"] {
+        assert!(
+            listening.contains(port),
+            "{mode}: {port} not open in the pod: {listening}"
+        );
+    }
+    if mode == "ebpf" {
+        assert_eq!(
+            metric(meshd, net, 0, pod_maps),
+            1,
+            "{mode}: the pod's netns entry"
+        );
+    }
     let (ok, out) = cni("DEL", pod, "web", socket);
     assert!(ok, "{mode}: DEL: {out}");
     let (_, listening) = run_in_pod(pod, &["ss", "-Hltn"]).wait_output(WAIT).unwrap();
@@ -186,6 +202,11 @@ fn pod_deletion_leaves_nothing(
             .collect()
     });
     assert!(left.is_empty(), "{mode}: pod links still pinned: {left:?}");
+    assert_eq!(
+        metric(meshd, net, 0, pod_maps),
+        0,
+        "{mode}: netns entry left"
+    );
 }
 
 #[test]

@@ -460,10 +460,15 @@ impl Interception for EbpfInterception {
     fn map_entries(&self) -> Vec<(&'static str, u64)> {
         let tuple = self.by_tuple.keys().count();
         let cookie = self.by_cookie.keys().count();
-        vec![
+        let mut fill = vec![
             (names::MAP_ORIG_DST_BY_COOKIE, cookie as u64),
             (names::MAP_ORIG_DST_BY_TUPLE, tuple as u64),
-        ]
+        ];
+        if let Some(pods) = &self.pods {
+            let netns = pods.netns.lock().unwrap_or_else(|p| p.into_inner());
+            fill.push((names::MAP_POD_NETNS, netns.keys().count() as u64));
+        }
+        fill
     }
 
     fn kernel_events(&self) -> Vec<(&'static str, u64)> {
