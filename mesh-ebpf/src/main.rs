@@ -437,8 +437,12 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     if INBOUND_LISTENER.redirect_sk_lookup(&ctx, 0, 0).is_ok() {
         count(counters::INBOUND_CAPTURED);
+        return SK_PASS;
     }
-    SK_PASS
+    // A captured port and no :15006 to hand it to: meshd died (its link stays pinned). The
+    // workload must not be reached around the mesh meanwhile.
+    count(counters::INBOUND_REFUSED);
+    SK_DROP
 }
 
 /// Attached to each meshed pod's network namespace: every new inbound TCP connection to the

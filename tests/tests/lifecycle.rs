@@ -146,3 +146,32 @@ fn meshd_run_without_root_says_so() {
     assert!(msg.contains("needs root"), "{msg}");
     assert!(Path::new("/nonexistent.yaml").metadata().is_err());
 }
+
+/// A killed meshd leaves the workload's port captured: a client around the mesh is refused
+/// (not served in plaintext), and the next meshd takes the pinned links over.
+#[test]
+fn sigkill_inbound_fails_closed_and_the_next_meshd_takes_over() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(2).unwrap();
+        let _server = net.echo_server(0, Some("orders"), "0.0.0.0:7000").unwrap();
+        let tool = testhosts::sibling_binary("testhosts-tool");
+        let target = format!("{}:7000", net.node(0).addr);
+        let client = [tool.to_str().unwrap(), "client", &target, "100", "1"];
+        // Control: with no meshd at all the plaintext client is served.
+        net.exec(1, &client).unwrap();
+        let mut meshd = net.start_meshd(0, mode, &ORDERS).unwrap();
+        meshd.process.signal(Signal::SIGKILL).unwrap();
+        let _ = meshd.process.wait_output(WAIT);
+        let around = net.exec(1, &client);
+        assert!(
+            around.is_err(),
+            "{mode}: served around a dead meshd: {around:?}"
+        );
+        let mut next = net.start_meshd(0, mode, &ORDERS).unwrap();
+        if mode == "ebpf" {
+            let log = next.process.output_so_far().join("\n");
+            assert!(log.contains("took over a link"), "{log}");
+        }
+    }
+}

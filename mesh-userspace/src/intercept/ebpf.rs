@@ -46,7 +46,6 @@ pub struct EbpfInterception {
     by_tuple_fd: OwnedFd,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
-    links: Mutex<Vec<PinnedLink>>,
     pin_dir: PathBuf,
     workloads: Workloads,
     bypass: Bypass,
@@ -90,9 +89,8 @@ enum Bypass {
 /// A failure half-way removes what was pinned so far.
 pub fn install(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
     crate::sys::ensure_bpffs()?;
-    remove_stale_pins(&cfg.proxy.pin_dir)?;
     attach_all(cfg, inbound_listener).inspect_err(|_| {
-        let _ = crate::cleanup::remove_pins(&cfg.proxy.pin_dir);
+        let _ = crate::cleanup::remove_pins_except(&cfg.proxy.pin_dir, PODS_PIN_DIR);
     })
 }
 
@@ -118,51 +116,22 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
     }
     let bypass_on = matches!(bypass, Bypass::On { .. });
     fill_settings(&mut bpf, cfg, inbound_listener, bypass_on)?;
-    let mut links = Vec::new();
-    let mut pin = |link: FdLink, name: String| -> Result<()> {
-        let path = pin_dir.join(name);
-        links.push(
-            link.pin(&path)
-                .with_context(|| format!("pin {}", path.display()))?,
-        );
-        Ok(())
+    let mut links = NodeLinks {
+        pin_dir: pin_dir.clone(),
+        wanted: Vec::new(),
     };
-    let sock_addr_programs = [
-        names::PROG_CONNECT4,
-        names::PROG_CONNECT6,
-        names::PROG_GETPEERNAME4,
-        names::PROG_GETPEERNAME6,
-    ];
-    for prog in sock_addr_programs {
-        let p: &mut CgroupSockAddr = program(&mut bpf, prog)?;
-        p.load().with_context(|| format!("load {prog}"))?;
-        for w in &cfg.workloads {
-            pin(
-                p.attach_link(cgroup_fd(&w.cgroup_path)?)?,
-                format!("{}_{prog}", w.name),
-            )?;
-        }
-    }
-    for w in &cfg.workloads {
-        let prog = if bypass_on && w.sk_msg_bypass {
-            names::PROG_SOCKOPS_BYPASS
-        } else {
-            names::PROG_SOCKOPS
-        };
-        let sockops: &mut SockOps = program(&mut bpf, prog)?;
-        let link = sockops.attach_link(cgroup_fd(&w.cgroup_path)?)?;
-        pin(link, format!("{}_sockops", w.name))?;
-    }
+    attach_workloads(&mut bpf, cfg, bypass_on, &mut links)?;
     let lookup: &mut SkLookup = program(&mut bpf, names::PROG_SK_LOOKUP)?;
     lookup.load().context("load sk_lookup")?;
-    let netns = File::open("/proc/self/ns/net").context("open this network namespace")?;
-    let id = lookup
-        .attach(netns)
-        .context("attach sk_lookup to this network namespace")?;
-    pin(
-        FdLink::from(lookup.take_link(id)?),
-        "netns_sk_lookup".into(),
-    )?;
+    let fd = lookup.fd()?.as_fd().try_clone_to_owned()?;
+    links.link("netns_sk_lookup".into(), fd.as_fd(), || {
+        let netns = File::open("/proc/self/ns/net").context("open this network namespace")?;
+        let id = lookup
+            .attach(netns)
+            .context("attach sk_lookup to this network namespace")?;
+        Ok(FdLink::from(lookup.take_link(id)?))
+    })?;
+    links.finish()?;
 
     let by_tuple_map = take_map(&mut bpf, names::MAP_ORIG_DST_BY_TUPLE)?;
     let by_tuple_fd = match &by_tuple_map {
@@ -186,11 +155,83 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         by_tuple_fd,
         by_cookie,
         counters,
-        links: Mutex::new(links),
         pin_dir,
         workloads: Workloads::new(&cfg.workloads),
         bypass,
     })
+}
+
+/// The node's links, each pinned under its name in the pin directory. A link an earlier meshd
+/// pinned under the same name gets this run's program swapped in (no moment without capture);
+/// pins nobody wants any more go at the end.
+struct NodeLinks {
+    pin_dir: PathBuf,
+    wanted: Vec<String>,
+}
+
+impl NodeLinks {
+    fn link(
+        &mut self,
+        name: String,
+        program: std::os::fd::BorrowedFd<'_>,
+        attach: impl FnOnce() -> Result<FdLink>,
+    ) -> Result<()> {
+        take_over_or_attach(&self.pin_dir.join(&name), program, attach)?;
+        self.wanted.push(name);
+        Ok(())
+    }
+
+    /// Removes the pins of an earlier meshd that this configuration does not want (a workload
+    /// that left the config). The pods' directory is not the node's.
+    fn finish(self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.pin_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_file() && !self.wanted.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+                tracing::info!(pin = %name, "removed a link this configuration no longer wants");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// connect/getpeername/sockops on every workload cgroup.
+fn attach_workloads(
+    bpf: &mut Ebpf,
+    cfg: &Validated,
+    bypass_on: bool,
+    links: &mut NodeLinks,
+) -> Result<()> {
+    let sock_addr_programs = [
+        names::PROG_CONNECT4,
+        names::PROG_CONNECT6,
+        names::PROG_GETPEERNAME4,
+        names::PROG_GETPEERNAME6,
+    ];
+    for prog in sock_addr_programs {
+        let p: &mut CgroupSockAddr = program(bpf, prog)?;
+        p.load().with_context(|| format!("load {prog}"))?;
+        let fd = p.fd()?.as_fd().try_clone_to_owned()?;
+        for w in &cfg.workloads {
+            links.link(format!("{}_{prog}", w.name), fd.as_fd(), || {
+                p.attach_link(cgroup_fd(&w.cgroup_path)?)
+            })?;
+        }
+    }
+    for w in &cfg.workloads {
+        let prog = if bypass_on && w.sk_msg_bypass {
+            names::PROG_SOCKOPS_BYPASS
+        } else {
+            names::PROG_SOCKOPS
+        };
+        let sockops: &mut SockOps = program(bpf, prog)?;
+        let fd = sockops.fd()?.as_fd().try_clone_to_owned()?;
+        links.link(format!("{}_sockops", w.name), fd.as_fd(), || {
+            sockops.attach_link(cgroup_fd(&w.cgroup_path)?)
+        })?;
+    }
+    Ok(())
 }
 
 /// Attaches (or takes over from an earlier meshd) the connect, getpeername and sockops programs
@@ -328,17 +369,6 @@ fn take_map(bpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 fn cgroup_fd(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("open cgroup {}", path.display()))
-}
-
-/// Links left pinned by a meshd that did not stop cleanly still steer traffic to this node's
-/// ports; they are replaced by the ones this run attaches.
-fn remove_stale_pins(pin_dir: &Path) -> Result<()> {
-    let removed = crate::cleanup::remove_pins_except(pin_dir, PODS_PIN_DIR)?;
-    if !removed.is_empty() {
-        tracing::warn!(count = removed.len(), dir = %pin_dir.display(),
-            "removed links pinned by an earlier meshd that did not stop cleanly");
-    }
-    Ok(())
 }
 
 fn fill_settings(
@@ -505,11 +535,8 @@ impl Interception for EbpfInterception {
     }
 
     fn uninstall(&self) -> Result<()> {
-        let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|p| p.into_inner()));
-        for link in links {
-            // Unpinned and dropped: the last reference goes and the kernel detaches it.
-            drop(link.unpin().context("unpin link")?);
-        }
+        // meshd holds no link fd: removing a pin drops the last reference and the kernel
+        // detaches the program.
         crate::cleanup::remove_pins_except(&self.pin_dir, PODS_PIN_DIR)?;
         Ok(())
     }
