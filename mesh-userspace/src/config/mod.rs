@@ -71,6 +71,11 @@ pub struct PodSettings {
     /// Namespaces whose pods stay outside the mesh (the CNI plugin lets them start untouched).
     #[serde(default)]
     pub excluded_namespaces: Vec<String>,
+    /// On podman hosts without Kubernetes: the podman command line (e.g. with `--root`) meshd
+    /// runs to read each pod's labels and annotations (`meshd.io/namespace`,
+    /// `meshd.io/service-account`). Without it, identity comes from the CNI arguments.
+    #[serde(default)]
+    pub podman: Option<Vec<String>>,
 }
 
 fn default_cni_socket() -> PathBuf {

@@ -16,6 +16,7 @@ use mesh_common::ports;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{
+    metadata::{MetadataSource, PodMeta},
     netns::Netns,
     protocol::{PodInfo, DATAPLANE_MODE_LABEL},
 };
@@ -45,7 +46,7 @@ type PodTunnels = (Arc<ClientIdentity>, Pool);
 struct Served {
     info: PodInfo,
     tasks: Vec<JoinHandle<()>>,
-    capture: Box<dyn PodCapture>,
+    capture: Arc<dyn PodCapture>,
 }
 
 impl Drop for Served {
@@ -59,16 +60,22 @@ impl Drop for Served {
 
 pub struct PodManager {
     ctx: Arc<Context>,
-    identity: Option<PodIdentity>,
+    identity: Option<Arc<PodIdentity>>,
+    source: Arc<MetadataSource>,
     settings: PodSettings,
     pods: tokio::sync::Mutex<HashMap<String, Served>>,
 }
 
 impl PodManager {
     pub fn new(ctx: Arc<Context>, identity: Option<PodIdentity>, settings: PodSettings) -> Self {
+        let source = match &settings.podman {
+            Some(argv) => MetadataSource::Podman(argv.clone()),
+            None => MetadataSource::CniArgs,
+        };
         PodManager {
             ctx,
-            identity,
+            identity: identity.map(Arc::new),
+            source: Arc::new(source),
             settings,
             pods: Default::default(),
         }
@@ -173,69 +180,112 @@ impl PodManager {
         std::fs::rename(&tmp, self.state_file()).context("record the pods meshd serves")
     }
 
+    /// Captures the pod now (listeners inside it, interception), then learns who it is and
+    /// serves it: until then its connections wait in the listen queues.
     async fn serve(&self, info: PodInfo) -> Result<Served> {
         let netns = Arc::new(
             Netns::open(&info.netns)
                 .with_context(|| format!("open the pod's namespace {}", info.netns.display()))?,
         );
         let listen = |ip: Ipv4Addr, port: u16| listen_in(&netns, ip, port);
-        let outbound_l = listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?;
-        let inbound_l = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
-        let workload = Arc::new(pod_workload(&info));
-        let (tunnels, hbone) = match &self.identity {
-            Some(id) => {
-                let (tunnels, server) = self.pod_tls(id, &workload, &netns)?;
-                let hbone = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?;
-                (Some(tunnels), Some((hbone, server)))
-            }
-            None => (None, None),
+        let listeners = Listeners {
+            outbound: listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?,
+            inbound: listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?,
+            hbone: match self.identity {
+                Some(_) => Some(listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?),
+                None => None,
+            },
         };
         let pod = PodNet {
             id: &info.container_id,
             netns: &netns,
             ip: info.ip,
-            inbound_listener: inbound_l.as_fd(),
+            inbound_listener: listeners.inbound.as_fd(),
         };
-        let capture = self.ctx.interception.capture_pod(&pod)?;
-        if let Some((client, _)) = &tunnels {
+        let capture: Arc<dyn PodCapture> = Arc::from(self.ctx.interception.capture_pod(&pod)?);
+        let server = PodServer {
+            ctx: self.ctx.clone(),
+            identity: self.identity.clone(),
+            source: self.source.clone(),
+            excluded: self.settings.excluded_namespaces.clone(),
+            capture: capture.clone(),
+        };
+        let task = tokio::spawn(server.run(info.clone(), netns, listeners));
+        Ok(Served {
+            info,
+            tasks: vec![task],
+            capture,
+        })
+    }
+}
+
+/// A pod's listening sockets, made inside its namespace.
+struct Listeners {
+    outbound: TcpListener,
+    inbound: TcpListener,
+    hbone: Option<TcpListener>,
+}
+
+/// What serving one pod needs, owned by the pod's task.
+struct PodServer {
+    ctx: Arc<Context>,
+    identity: Option<Arc<PodIdentity>>,
+    source: Arc<MetadataSource>,
+    excluded: Vec<String>,
+    capture: Arc<dyn PodCapture>,
+}
+
+impl PodServer {
+    async fn run(self, info: PodInfo, netns: Arc<Netns>, listeners: Listeners) {
+        let meta = match self.source.resolve(&info).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Dropping the listeners resets what waited: fail closed.
+                self.ctx.metrics.pod_event("identity", "failed");
+                tracing::warn!(pod = %info.name, error = %format!("{e:#}"),
+                    "cannot learn who the pod is; its connections are refused");
+                return;
+            }
+        };
+        if self.excluded.contains(&meta.namespace)
+            || meta
+                .labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_some_and(|v| v == "none")
+        {
+            tracing::info!(pod = %info.name, namespace = %meta.namespace,
+                "pod outside the mesh by its metadata: capture removed");
+            let _ = self.capture.remove();
+            return;
+        }
+        let workload = Arc::new(pod_workload(&info, &meta));
+        let tunnels = match &self.identity {
+            Some(id) => match self.pod_tls(id, &workload, &netns) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.ctx.metrics.pod_event("identity", "failed");
+                    tracing::warn!(pod = %info.name, error = %format!("{e:#}"), "no SVID for the pod");
+                    return;
+                }
+            },
+            None => None,
+        };
+        if let Some(((client, _), _)) = &tunnels {
             self.ctx.registry.add_local_pod(info.ip, client.id.clone());
         }
+        self.ctx.metrics.pod_event("identity", "ok");
+        tracing::info!(pod = %info.name, namespace = %workload.namespace,
+            service_account = %workload.service_account, "pod identity known; serving it");
+        let (pod_tunnels, server_tls) = tunnels.map_or((None, None), |(t, s)| (Some(t), Some(s)));
         let scope = Scope {
             pod: Some(Arc::new(PodScope {
                 workload,
-                netns: netns.clone(),
+                netns,
                 ip: info.ip,
-                tunnels,
+                tunnels: pod_tunnels,
             })),
         };
-        let ctx = &self.ctx;
-        let mut tasks = vec![
-            tokio::spawn(proxy::accept_loop(
-                outbound_l,
-                ctx.clone(),
-                scope.clone(),
-                outbound::handle,
-            )),
-            tokio::spawn(proxy::accept_loop(
-                inbound_l,
-                ctx.clone(),
-                scope.clone(),
-                inbound::handle,
-            )),
-        ];
-        if let Some((listener, tls)) = hbone {
-            tasks.push(tokio::spawn(tunnel::server::serve(
-                listener,
-                ctx.clone(),
-                tls,
-                scope,
-            )));
-        }
-        Ok(Served {
-            info,
-            tasks,
-            capture,
-        })
+        serve_listeners(&self.ctx, scope, listeners, server_tls).await;
     }
 
     /// The pod's SVID: its HBONE client identity (tunnels leave from inside the pod) and the
@@ -259,23 +309,61 @@ impl PodManager {
     }
 }
 
+async fn serve_listeners(
+    ctx: &Arc<Context>,
+    scope: Scope,
+    listeners: Listeners,
+    server_tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let outbound = proxy::accept_loop(
+        listeners.outbound,
+        ctx.clone(),
+        scope.clone(),
+        outbound::handle,
+    );
+    let inbound = proxy::accept_loop(
+        listeners.inbound,
+        ctx.clone(),
+        scope.clone(),
+        inbound::handle,
+    );
+    let hbone = async {
+        match (listeners.hbone, server_tls) {
+            (Some(l), Some(tls)) => tunnel::server::serve(l, ctx.clone(), tls, scope.clone()).await,
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::join!(outbound, inbound, hbone);
+}
+
+/// Connections a pod may make before meshd knows who it is (they wait, accepted by the kernel).
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// A listener made inside the pod's namespace, served from meshd's event loop.
 fn listen_in(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
     let addr = SocketAddr::new(ip.into(), port);
     let std = netns
-        .run(|| std::net::TcpListener::bind(addr))
+        .run(|| {
+            let sock = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM.nonblocking(),
+                Some(socket2::Protocol::TCP),
+            )?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&addr.into())?;
+            sock.listen(LISTEN_BACKLOG)?;
+            Ok(std::net::TcpListener::from(sock))
+        })
         .with_context(|| format!("listen on {addr} inside {}", netns.path.display()))?;
-    std.set_nonblocking(true)?;
     Ok(TcpListener::from_std(std)?)
 }
 
-/// The pod as the proxy stages see a workload. Its service account defaults to `default`, as in
-/// Kubernetes.
-fn pod_workload(info: &PodInfo) -> Workload {
+/// The pod as the proxy stages see a workload.
+fn pod_workload(info: &PodInfo, meta: &PodMeta) -> Workload {
     Workload {
         name: info.name.clone(),
-        namespace: info.namespace.clone(),
-        service_account: info.service_account.clone().unwrap_or("default".into()),
+        namespace: meta.namespace.clone(),
+        service_account: meta.service_account.clone(),
         cgroup_path: PathBuf::new(),
         cgroup_id: 0,
         ports: Vec::new(),

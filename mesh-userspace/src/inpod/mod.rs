@@ -8,6 +8,7 @@
 pub mod cni;
 pub mod cni_install;
 pub mod manager;
+pub mod metadata;
 pub mod netns;
 pub mod protocol;
 pub mod server;
