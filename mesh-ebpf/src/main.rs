@@ -128,7 +128,7 @@ pub fn mesh_connect6_pods(ctx: SockAddrContext) -> i32 {
 fn in_meshed_pod(ctx: *mut core::ffi::c_void) -> bool {
     // SAFETY: helper on the program's own context; map lookup with a plain-data key.
     let netns = unsafe { bpf_get_netns_cookie(ctx) };
-    unsafe { POD_NETNS.get(&netns) }.is_some()
+    unsafe { POD_NETNS.get(netns) }.is_some()
 }
 
 #[inline(always)]
@@ -463,9 +463,8 @@ pub fn mesh_sk_lookup_pods(ctx: SkLookupContext) -> u32 {
     if u32::from_be(lk.local_ip4) >> 24 == 127 {
         return SK_PASS;
     }
-    let mut pod_ip = lk.local_ip4;
     if POD_LISTENERS
-        .redirect_sk_lookup(&ctx, &mut pod_ip, 0)
+        .redirect_sk_lookup(&ctx, lk.local_ip4, 0)
         .is_ok()
     {
         count(counters::INBOUND_CAPTURED);

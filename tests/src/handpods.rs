@@ -167,10 +167,24 @@ pub fn pods_config(net: &TestNet, ca: &MeshCa, node: usize, mesh_extra: &str) ->
     let parent = pods_parent(net, node);
     let mount = meshd::sys::ensure_cgroup2().unwrap();
     let rel = parent.strip_prefix(&mount).unwrap().display().to_string();
+    pods_config_with(net, ca, node, mesh_extra, &rel, "")
+}
+
+/// [`pods_config`] with the pods' cgroup parent (relative to the cgroup v2 root) and more
+/// lines for the `pods:` section.
+pub fn pods_config_with(
+    net: &TestNet,
+    ca: &MeshCa,
+    node: usize,
+    mesh_extra: &str,
+    cgroup_parent: &str,
+    pods_extra: &str,
+) -> (String, String) {
     let state = std::env::temp_dir().join(format!("{}-n{node}-state", net.id()));
     let socket = state.join("cni.sock").display().to_string();
     let config = format!(
-        "{}{mesh_extra}pods:\n  cni_socket: {socket}\n  state_dir: {}\n  cgroup_parent: /{rel}\n",
+        "{}{mesh_extra}pods:\n  cni_socket: {socket}\n  state_dir: {}\n  \
+         cgroup_parent: /{cgroup_parent}\n{pods_extra}",
         ca.config(node, "1h", &[]),
         state.display()
     );

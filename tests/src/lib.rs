@@ -13,6 +13,7 @@ mod footprint;
 pub mod handpods;
 mod mesh;
 mod net;
+pub mod podman;
 mod process;
 
 pub use capture::Capture;
@@ -22,6 +23,26 @@ pub use net::{TestNet, TestNode};
 pub use process::Process;
 
 use std::path::PathBuf;
+
+/// Fails (with what to install) when one of `tools` is not on PATH.
+pub fn require_tools(tools: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "missing {}: run `cargo xtask setup`",
+        missing.join(", ")
+    );
+    Ok(())
+}
 
 /// Whether this run is CI, where a test that cannot run must fail instead of skipping.
 pub fn in_ci() -> bool {

@@ -36,6 +36,17 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("stunnel4", "the benchmark's stunnel mTLS pair"),
     ("haproxy", "the benchmark's HAProxy mTLS pair"),
     ("linux-perf", "cargo xtask profile samples meshd with perf"),
+    (
+        "podman",
+        "the pod tests run Kubernetes Pod YAML (podman kube play)",
+    ),
+    ("runc", "podman's OCI runtime in the pod tests"),
+    (
+        "containernetworking-plugins",
+        "the pod tests' CNI network (bridge, host-local) that meshd-cni chains onto",
+    ),
+    ("catatonit", "podman's pod infra container init"),
+    ("busybox-static", "the pod tests' container image"),
 ];
 
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.
