@@ -12,7 +12,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
 };
 
 use anyhow::{bail, Context, Result};
@@ -120,7 +119,7 @@ impl Podman {
 
     /// The test image: static busybox and testhosts-tool (with the libraries it links).
     fn import_image(&self) -> Result<()> {
-        let tar = image_tarball()?;
+        let tar = image_tarball(&self.dir)?;
         self.run(&["import", tar.to_str().unwrap(), IMAGE])
             .map(|_| ())
     }
@@ -137,6 +136,7 @@ impl Podman {
             .and_then(|a| a.first())
             .unwrap_or(&inspect)
             .clone();
+        let pod_id = inspect["Id"].as_str().unwrap_or_default().to_string();
         let infra_id = inspect["InfraContainerID"]
             .as_str()
             .unwrap_or_default()
@@ -148,7 +148,7 @@ impl Podman {
             .with_context(|| format!("pod {name} has no address on {NETWORK}"))?;
         Ok(Pod {
             name: name.into(),
-            pod_id: inspect["Id"].as_str().unwrap_or_default().to_string(),
+            pod_id,
             infra_id,
             ip,
             yaml: path,
@@ -169,18 +169,48 @@ impl Podman {
 
     /// Deletes a pod (the runtime calls the CNI DEL).
     pub fn down(&self, pod: &Pod) -> Result<()> {
-        self.run(&["kube", "play", "--down", pod.yaml.to_str().unwrap()])
-            .map(|_| ())
+        self.run(&["kube", "play", "--down", pod.yaml.to_str().unwrap()])?;
+        remove_pod_cgroups(&pod.pod_id);
+        Ok(())
     }
 }
 
 impl Drop for Podman {
     fn drop(&mut self) {
+        // podman leaves pods' cgroups in the hierarchies it does not manage (unified, systemd).
+        let pods = self
+            .run(&["pod", "ps", "-q", "--no-trunc"])
+            .unwrap_or_default();
         let _ = self.run(&["pod", "rm", "-fa"]);
         let _ = self.run(&["rm", "-fa"]);
         unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
+        for id in pods.split_whitespace() {
+            remove_pod_cgroups(id);
+        }
     }
+}
+
+/// Removes a pod's cgroup directories (deepest first) from every hierarchy, then the parent if
+/// it is empty.
+fn remove_pod_cgroups(pod_id: &str) {
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for h in hierarchies.flatten() {
+        let parent = h.path().join(CGROUP_PARENT);
+        remove_cgroup_tree(&parent.join(pod_id));
+        let _ = std::fs::remove_dir(&parent);
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for c in children.flatten().filter(|c| c.path().is_dir()) {
+            remove_cgroup_tree(&c.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Lazily unmounts every mount below `dir` (podman's overlays and its netns/shm mounts).
@@ -197,14 +227,9 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
-/// A tarball with busybox and testhosts-tool, made once per test process.
-fn image_tarball() -> Result<PathBuf> {
-    static TAR: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(t) = TAR.get() {
-        return Ok(t.clone());
-    }
-    let root = std::env::temp_dir().join(format!("meshtest-image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+/// A tarball with busybox and testhosts-tool, in `dir`.
+fn image_tarball(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("image");
     std::fs::create_dir_all(root.join("bin"))?;
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
     for tool in ["sh", "sleep", "nc", "ss", "cat"] {
@@ -230,7 +255,6 @@ fn image_tarball() -> Result<PathBuf> {
         .success();
     std::fs::remove_dir_all(&root)?;
     anyhow::ensure!(ok, "tar of the test image failed");
-    let _ = TAR.set(tar.clone());
     Ok(tar)
 }
 
