@@ -9,6 +9,7 @@ use crate::{sibling_binary, MeshCa, Meshd, Process, TestNet, TestNode};
 
 /// A pod made by hand as a runtime would: its own netns joined to the node by a veth, address
 /// 198.19.<node>.<k+2>, a cgroup below the node's pods parent.
+#[derive(Clone)]
 pub struct HandPod {
     pub node: TestNode,
     pub netns: String,

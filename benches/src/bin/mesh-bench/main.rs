@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the mode-comparison benchmark. Two test nodes; nginx on the server
-//! node; the load generator in a workload cgroup on the client node. Every path (direct, meshd
-//! iptables, meshd ebpf, stunnel4 pair, HAProxy pair) runs on the same hosts in the same run,
+//! node; the load generator in a workload cgroup on the client node (for the `-pods` paths:
+//! both in a pod on their node). Every path (direct, meshd iptables, meshd ebpf, stunnel4
+//! pair, HAProxy pair, and pod to pod direct and through meshd) runs on the same hosts in the
+//! same run,
 //! alternating path after path for each round, each with a warm-up. Writes JSON, a markdown
 //! table and an SVG plot to the output directory, and meshd's RSS idle and with 1,000 open
 //! connections.
@@ -16,7 +18,7 @@ use anyhow::{Context, Result};
 use paths::PathKind;
 use report::{Record, Rss};
 use serde_json::Value;
-use testhosts::{privileges, sibling_binary, MeshCa, TestNet};
+use testhosts::{handpods::HandPod, privileges, sibling_binary, MeshCa, Process, TestNet};
 
 struct Plan {
     /// `--only NAME` (repeatable): run only these paths and scenarios.
@@ -98,25 +100,18 @@ fn run(
     dir: &std::path::Path,
     plan: &Plan,
 ) -> Result<(Vec<Record>, Rss)> {
-    for node in 0..2 {
-        // Connection-per-request runs through tens of thousands of ports a second.
-        net.exec(
-            node,
-            &["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"],
-        )?;
-        net.exec(node, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
-        // ...but none of the proxies' listening ports (meshd 15000-15021, the peers 151xx-152xx).
-        net.exec(
-            node,
-            &[
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_local_reserved_ports=15000-15300",
-            ],
-        )?;
+    let _nginx = paths::nginx(net, dir, None)?;
+    let pods = paths::Pods::new(net);
+    let _pod_nginx = paths::nginx(net, dir, Some(&pods.server))?;
+    let namespaces = [
+        &net.node(0).netns,
+        &net.node(1).netns,
+        &pods.client.netns,
+        &pods.server.netns,
+    ];
+    for netns in namespaces {
+        tune(netns)?;
     }
-    let _nginx = paths::nginx(net, dir)?;
-    let target = format!("{}:{}", net.node(1).addr, paths::NGINX_PORT);
     let mut records = Vec::new();
     let mut rss = Rss::default();
     for round in 0..plan.rounds {
@@ -125,15 +120,25 @@ fn run(
             .filter(|k| plan.wants(k.name(), &PathKind::ALL.map(PathKind::name)))
         {
             eprintln!("mesh-bench: round {round}, path {}", kind.name());
-            let mut running = paths::up(kind, net, ca, dir)
+            let mut running = paths::up(kind, net, ca, dir, &pods)
                 .with_context(|| format!("bring up {}", kind.name()))?;
+            let (target, client) = if kind.in_pods() {
+                (&pods.server.ip, Some(&pods.client))
+            } else {
+                (&net.node(1).addr.to_string(), None)
+            };
+            let target = format!("{target}:{}", paths::NGINX_PORT);
             if kind == PathKind::MeshdEbpf && round == 0 {
                 rss.idle_kib = running
                     .client_meshd()
                     .map(|m| vm_rss(m.process.pid()))
                     .unwrap_or(0);
             }
-            loadgen(net, &["closed", &target, "16", &plan.warmup.to_string()])?;
+            loadgen(
+                net,
+                client,
+                &["closed", &target, "16", &plan.warmup.to_string()],
+            )?;
             let scenarios: [(&str, Vec<String>); 4] = [
                 (
                     "keep-alive",
@@ -174,7 +179,7 @@ fn run(
             {
                 let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
                 // A path that breaks under a scenario is a result, not a reason to stop.
-                let value = loadgen(net, &argv).unwrap_or_else(|e| {
+                let value = loadgen(net, client, &argv).unwrap_or_else(|e| {
                     eprintln!("mesh-bench: {} {scenario}: {e:#}", kind.name());
                     for p in &mut running.processes {
                         let out = p.output_so_far();
@@ -198,12 +203,36 @@ fn run(
     Ok((records, rss))
 }
 
-/// Runs the load generator in the client workload and returns its JSON result.
-fn loadgen(net: &TestNet, args: &[&str]) -> Result<Value> {
+/// The same TCP settings in every namespace a path's endpoints live in (nodes and pods; both
+/// are namespaced sysctls a pod may set).
+fn tune(netns: &str) -> Result<()> {
+    let settings = [
+        // Connection-per-request runs through tens of thousands of ports a second...
+        "net.ipv4.ip_local_port_range=1024 65000",
+        "net.ipv4.tcp_tw_reuse=1",
+        // ...but none of the proxies' listening ports (meshd 15000-15021, the peers 151xx-152xx).
+        "net.ipv4.ip_local_reserved_ports=15000-15300",
+    ];
+    for setting in settings {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "sysctl", "-qw", setting])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "sysctl {setting} in {netns} failed");
+    }
+    Ok(())
+}
+
+/// Runs the load generator in the client workload (or in the client's pod) and returns its
+/// JSON result.
+fn loadgen(net: &TestNet, pod: Option<&HandPod>, args: &[&str]) -> Result<Value> {
     let bin = sibling_binary("loadgen").display().to_string();
     let mut argv = vec![bin.as_str()];
     argv.extend(args);
-    let mut p = net.workload(0, "client", &argv)?;
+    let mut p = match pod {
+        Some(pod) => Process::spawn_in(&pod.node, &pod.cgroup, &argv)?,
+        None => net.workload(0, "client", &argv)?,
+    };
     let (status, out) = p.wait_output(Duration::from_secs(120))?;
     anyhow::ensure!(status.success(), "loadgen {args:?} failed: {out}");
     let line = out

@@ -1,13 +1,18 @@
 //! The paths a request can take from the client node to nginx on the server node, each brought
 //! up and torn down on the same test hosts: direct, meshd in either mode, and two mTLS proxy
 //! pairs with iptables REDIRECT (stunnel4 and HAProxy), all TLS 1.3 with the same P-256
-//! certificates from the mesh CA.
+//! certificates from the mesh CA. The `-pods` paths run the client and nginx in a pod on each
+//! node instead (own network namespace and cgroup, announced to meshd through its CNI plugin
+//! as a runtime does; see `testhosts::handpods`), compared with pod-to-pod direct.
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use meshd::identity::{ca::Issuer, svid, SpiffeId};
-use testhosts::{MeshCa, Meshd, Process, TestNet, WorkloadSpec};
+use testhosts::{
+    handpods::{cni, hand_pod, route_pod_subnets, start_pods_meshd, HandPod},
+    MeshCa, Meshd, Process, TestNet, WorkloadSpec,
+};
 
 pub const NGINX_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(30);
@@ -21,17 +26,48 @@ pub enum PathKind {
     MeshdEbpfSkMsg,
     Stunnel,
     Haproxy,
+    /// Pod to pod, no proxy.
+    DirectPods,
+    MeshdIptablesPods,
+    MeshdEbpfPods,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 6] = [
+    pub const ALL: [PathKind; 9] = [
         PathKind::Direct,
         PathKind::MeshdIptables,
         PathKind::MeshdEbpf,
         PathKind::MeshdEbpfSkMsg,
         PathKind::Stunnel,
         PathKind::Haproxy,
+        PathKind::DirectPods,
+        PathKind::MeshdIptablesPods,
+        PathKind::MeshdEbpfPods,
     ];
+
+    /// Whether the client and nginx run in pods rather than in the nodes' namespaces.
+    pub fn in_pods(self) -> bool {
+        matches!(
+            self,
+            PathKind::DirectPods | PathKind::MeshdIptablesPods | PathKind::MeshdEbpfPods
+        )
+    }
+
+    /// The path this one's ratios are taken against: direct between the same endpoints.
+    pub fn baseline(self) -> PathKind {
+        if self.in_pods() {
+            PathKind::DirectPods
+        } else {
+            PathKind::Direct
+        }
+    }
+
+    fn meshd_mode(self) -> &'static str {
+        match self {
+            PathKind::MeshdIptables | PathKind::MeshdIptablesPods => "iptables",
+            _ => "ebpf",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,6 +77,25 @@ impl PathKind {
             PathKind::MeshdEbpfSkMsg => "meshd-ebpf-skmsg",
             PathKind::Stunnel => "stunnel4-pair",
             PathKind::Haproxy => "haproxy-pair",
+            PathKind::DirectPods => "direct-pods",
+            PathKind::MeshdIptablesPods => "meshd-iptables-pods",
+            PathKind::MeshdEbpfPods => "meshd-ebpf-pods",
+        }
+    }
+}
+
+/// A pod on each node: the client's on node 0, nginx's on node 1.
+pub struct Pods {
+    pub client: HandPod,
+    pub server: HandPod,
+}
+
+impl Pods {
+    pub fn new(net: &TestNet) -> Pods {
+        route_pod_subnets(net);
+        Pods {
+            client: hand_pod(net, 0, 0),
+            server: hand_pod(net, 1, 0),
         }
     }
 }
@@ -51,6 +106,9 @@ pub struct Running {
     pub processes: Vec<Process>,
     redirect: Option<String>,
     net_id: String,
+    /// Pods announced to meshd (pod, name, CNI socket): deleted (CNI DEL) before meshd stops,
+    /// as a runtime would, so that nothing of this path stays in the pods.
+    announced: Vec<(HandPod, &'static str, String)>,
 }
 
 impl Running {
@@ -62,6 +120,12 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        for (pod, name, socket) in self.announced.drain(..) {
+            let (ok, out) = cni("DEL", &pod, name, &socket);
+            if !ok {
+                eprintln!("mesh-bench: CNI DEL of {name}: {out}");
+            }
+        }
         if let Some(rule) = self.redirect.take() {
             let ns = format!("{}-n0", self.net_id);
             let mut args = vec![
@@ -73,21 +137,27 @@ impl Drop for Running {
     }
 }
 
-pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Running> {
+pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path, pods: &Pods) -> Result<Running> {
     let mut running = Running {
         meshd: Vec::new(),
         processes: Vec::new(),
         redirect: None,
         net_id: net.id().to_string(),
+        announced: Vec::new(),
     };
     match kind {
-        PathKind::Direct => {}
+        PathKind::Direct | PathKind::DirectPods => {}
+        PathKind::MeshdIptablesPods | PathKind::MeshdEbpfPods => {
+            for (node, pod, name) in [(0, &pods.client, "client"), (1, &pods.server, "nginx")] {
+                let (meshd, socket) = start_pods_meshd(net, ca, node, kind.meshd_mode(), "");
+                running.meshd.push(meshd);
+                let (ok, out) = cni("ADD", pod, name, &socket);
+                anyhow::ensure!(ok, "CNI ADD of {name}: {out}");
+                running.announced.push((pod.clone(), name, socket));
+            }
+        }
         PathKind::MeshdIptables | PathKind::MeshdEbpf | PathKind::MeshdEbpfSkMsg => {
-            let mode = if kind == PathKind::MeshdIptables {
-                "iptables"
-            } else {
-                "ebpf"
-            };
+            let mode = kind.meshd_mode();
             let bypass = format!("  sk_msg_bypass: {}\n", kind == PathKind::MeshdEbpfSkMsg);
             let client = [WorkloadSpec {
                 name: "client",
@@ -233,13 +303,18 @@ fn run_peer(
     let mut full = argv.to_vec();
     full.push(&path);
     let p = net.host_process(node, &full)?;
-    wait_port(net, node, port)?;
+    wait_port(net, node, "127.0.0.1", port)?;
     Ok(p)
 }
 
-/// nginx on the server node, in the `nginx` workload cgroup: `/` is a small fixed response,
-/// `/bulk` a 256 MiB file.
-pub fn nginx(net: &TestNet, dir: &Path) -> Result<Process> {
+/// nginx on the server node, in the `nginx` workload cgroup or in `pod`: `/` is a small fixed
+/// response, `/bulk` a 256 MiB file.
+pub fn nginx(net: &TestNet, dir: &Path, pod: Option<&HandPod>) -> Result<Process> {
+    let dir = &match pod {
+        Some(pod) => dir.join(&pod.netns),
+        None => dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(dir)?;
     let bulk = dir.join("bulk.bin");
     std::fs::File::create(&bulk)?.set_len(256 << 20)?;
     let d = dir.display();
@@ -255,14 +330,21 @@ pub fn nginx(net: &TestNet, dir: &Path) -> Result<Process> {
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
-    let p = net.workload(1, "nginx", &["nginx", "-c", path.to_str().unwrap()])?;
-    wait_port(net, 1, NGINX_PORT).context("nginx did not start")?;
+    let argv = ["nginx", "-c", path.to_str().unwrap()];
+    let (p, host) = match pod {
+        Some(pod) => (
+            Process::spawn_in(&pod.node, &pod.cgroup, &argv)?,
+            &pod.ip[..],
+        ),
+        None => (net.workload(1, "nginx", &argv)?, "127.0.0.1"),
+    };
+    wait_port(net, 1, host, NGINX_PORT).context("nginx did not start")?;
     Ok(p)
 }
 
-/// Waits until something listens on `port` in `node`.
-fn wait_port(net: &TestNet, node: usize, port: u16) -> Result<()> {
-    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+/// Waits until `host:port` accepts connections from `node`.
+fn wait_port(net: &TestNet, node: usize, host: &str, port: u16) -> Result<()> {
+    let probe = format!("exec 3<>/dev/tcp/{host}/{port}");
     let deadline = std::time::Instant::now() + WAIT;
     while net.exec(node, &["bash", "-c", &probe]).is_err() {
         anyhow::ensure!(

@@ -1,4 +1,5 @@
-//! Results: the raw records as JSON, a markdown table (each figure also as a ratio to direct),
+//! Results: the raw records as JSON, a markdown table (each figure also as a ratio to direct
+//! between the same endpoints: node to node, or pod to pod),
 //! and an SVG plot (keep-alive rps per path; p50/p99 latency per path).
 
 use std::{fmt::Write as _, path::Path};
@@ -19,14 +20,8 @@ pub struct Rss {
     pub with_1000_kib: u64,
 }
 
-const PATHS: [&str; 6] = [
-    "direct",
-    "meshd-iptables",
-    "meshd-ebpf",
-    "meshd-ebpf-skmsg",
-    "stunnel4-pair",
-    "haproxy-pair",
-];
+use crate::paths::PathKind;
+
 const SCENARIOS: [&str; 4] = ["keep-alive", "conn-per-request", "open-1000rps", "bulk"];
 
 /// Median over rounds of one field for (path, scenario).
@@ -69,9 +64,10 @@ pub fn markdown(records: &[Record], rss: &Rss, short: bool) -> String {
     let _ = writeln!(t, "| path | scenario | rps | rps vs direct | p50 ms | p90 ms | p99 ms | p99 vs direct | p99.9 ms | errors |");
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
     for scenario in SCENARIOS.iter().filter(|s| **s != "bulk") {
-        for path in PATHS {
+        for kind in PathKind::ALL {
+            let path = kind.name();
             let m = |f: &str| median(records, path, scenario, f);
-            let base = |f: &str| median(records, "direct", scenario, f);
+            let base = |f: &str| median(records, kind.baseline().name(), scenario, f);
             let _ = writeln!(
                 t,
                 "| {path} | {scenario} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -90,13 +86,15 @@ pub fn markdown(records: &[Record], rss: &Rss, short: bool) -> String {
         t,
         "\n| path | bulk single stream MB/s | vs direct |\n|---|---|---|"
     );
-    for path in PATHS {
-        let v = median(records, path, "bulk", "mbps");
+    for kind in PathKind::ALL {
+        let v = median(records, kind.name(), "bulk", "mbps");
+        let base = median(records, kind.baseline().name(), "bulk", "mbps");
         let _ = writeln!(
             t,
-            "| {path} | {} | {} |",
+            "| {} | {} | {} |",
+            kind.name(),
             cell(v, 0),
-            ratio(v, median(records, "direct", "bulk", "mbps"))
+            ratio(v, base)
         );
     }
     let _ = writeln!(
@@ -109,18 +107,20 @@ pub fn markdown(records: &[Record], rss: &Rss, short: bool) -> String {
 }
 
 pub fn svg(records: &[Record]) -> String {
-    let (w, h, left, bar) = (760.0, 340.0, 140.0, 22.0);
+    let paths = PathKind::ALL.map(PathKind::name);
+    let (w, left, bar) = (760.0, 160.0, 22.0);
+    let h = 50.0 + paths.len() as f64 * bar * 2.5;
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
     let _ = writeln!(s, "<text x=\"10\" y=\"18\" font-size=\"14\">keep-alive rps (left) and p50 / p99 latency ms (right), 16 connections</text>");
-    let max_rps = PATHS
+    let max_rps = paths
         .iter()
         .filter_map(|p| median(records, p, "keep-alive", "rps"))
         .fold(1.0, f64::max);
-    let max_ms = PATHS
+    let max_ms = paths
         .iter()
         .filter_map(|p| median(records, p, "keep-alive", "p99_ms"))
         .fold(0.001, f64::max);
-    for (i, path) in PATHS.iter().enumerate() {
+    for (i, path) in paths.iter().enumerate() {
         let y = 40.0 + i as f64 * (bar * 2.5);
         let _ = writeln!(s, "<text x=\"10\" y=\"{:.0}\">{path}</text>", y + 15.0);
         let rps = median(records, path, "keep-alive", "rps").unwrap_or(0.0);
