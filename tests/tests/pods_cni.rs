@@ -155,6 +155,22 @@ fn hbone_probe(net: &TestNet, ca: &MeshCa, pod_ip: &str) -> String {
         .unwrap()
 }
 
+/// BPF links attached to the pod's network namespace (sk_lookup), as bpftool lists them.
+fn netns_links(pod: &testhosts::handpods::HandPod) -> usize {
+    use std::os::linux::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/run/netns/{}", pod.netns))
+        .unwrap()
+        .st_ino();
+    let links: serde_json::Value =
+        serde_json::from_str(&testhosts::bpftool(&["-j", "link", "show"])).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["type"] == "netns" && l["netns_ino"] == ino)
+        .count()
+}
+
 /// DEL: the pod's listeners, rules, map entries and programs are gone.
 fn pod_deletion_leaves_nothing(
     net: &TestNet,
@@ -177,6 +193,7 @@ fn pod_deletion_leaves_nothing(
             1,
             "{mode}: the pod's netns entry"
         );
+        assert_eq!(netns_links(pod), 1, "{mode}: the pod's sk_lookup link");
     }
     let (ok, out) = cni("DEL", pod, "web", socket);
     assert!(ok, "{mode}: DEL: {out}");
@@ -202,6 +219,7 @@ fn pod_deletion_leaves_nothing(
             .collect()
     });
     assert!(left.is_empty(), "{mode}: pod links still pinned: {left:?}");
+    assert_eq!(netns_links(pod), 0, "{mode}: a link left on the pod's netns");
     assert_eq!(
         metric(meshd, net, 0, pod_maps),
         0,
