@@ -34,9 +34,11 @@ impl Registry {
         pods.insert(ip, id);
     }
 
-    pub fn remove_local_pod(&self, ip: Ipv4Addr) {
+    /// Removes a local pod; returns its identity when no other local pod holds it.
+    pub fn remove_local_pod(&self, ip: Ipv4Addr) -> Option<SpiffeId> {
         let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
-        pods.remove(&ip);
+        let id = pods.remove(&ip)?;
+        (!pods.values().any(|other| *other == id)).then_some(id)
     }
 }
 
@@ -52,9 +54,21 @@ mod tests {
         assert_eq!(reg.expected(ip), Some(configured.clone()));
         let pod = SpiffeId::new("td", "ns", "new").unwrap();
         reg.add_local_pod(ip, pod.clone());
-        assert_eq!(reg.expected(ip), Some(pod));
-        reg.remove_local_pod(ip);
+        assert_eq!(reg.expected(ip), Some(pod.clone()));
+        assert_eq!(reg.remove_local_pod(ip), Some(pod));
         assert_eq!(reg.expected(ip), Some(configured));
         assert_eq!(reg.expected(Ipv4Addr::new(198, 19, 9, 9)), None);
+    }
+
+    #[test]
+    fn an_identity_is_unheld_only_when_its_last_pod_goes() {
+        let (a, b) = (Ipv4Addr::new(198, 19, 1, 2), Ipv4Addr::new(198, 19, 1, 3));
+        let web = SpiffeId::new("td", "shop", "web").unwrap();
+        let reg = Registry::new(HashMap::new());
+        reg.add_local_pod(a, web.clone());
+        reg.add_local_pod(b, web.clone());
+        assert_eq!(reg.remove_local_pod(a), None);
+        assert_eq!(reg.remove_local_pod(b), Some(web));
+        assert_eq!(reg.remove_local_pod(b), None);
     }
 }

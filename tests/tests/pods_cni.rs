@@ -219,7 +219,11 @@ fn pod_deletion_leaves_nothing(
             .collect()
     });
     assert!(left.is_empty(), "{mode}: pod links still pinned: {left:?}");
-    assert_eq!(netns_links(pod), 0, "{mode}: a link left on the pod's netns");
+    assert_eq!(
+        netns_links(pod),
+        0,
+        "{mode}: a link left on the pod's netns"
+    );
     assert_eq!(
         metric(meshd, net, 0, pod_maps),
         0,

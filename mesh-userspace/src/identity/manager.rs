@@ -32,6 +32,8 @@ pub struct IssuerFiles {
 
 pub struct IdentityManager {
     certs: std::sync::Mutex<BTreeMap<SpiffeId, watch::Receiver<Arc<Svid>>>>,
+    /// Identities given at start (the node's, host workloads'): never released.
+    fixed: std::collections::BTreeSet<SpiffeId>,
     issuer: IssuerFiles,
     ttl: Duration,
     metrics: Arc<Metrics>,
@@ -48,6 +50,7 @@ impl IdentityManager {
     ) -> Result<IdentityManager> {
         let manager = IdentityManager {
             certs: Default::default(),
+            fixed: ids.iter().cloned().collect(),
             issuer,
             ttl,
             metrics,
@@ -86,6 +89,19 @@ impl IdentityManager {
         ));
         Ok(rx)
     }
+
+    /// Forgets an identity no local workload holds any more (its last pod was deleted): its
+    /// renewal task ends at the next renewal once the pod's listeners and pools are gone.
+    /// Identities given at start stay.
+    pub fn release(&self, id: &SpiffeId) {
+        if self.fixed.contains(id) {
+            return;
+        }
+        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        if certs.remove(id).is_some() {
+            tracing::info!(%id, "identity released: no local workload holds it");
+        }
+    }
 }
 
 async fn renew(
@@ -120,5 +136,35 @@ async fn renew(
                 next = SystemTime::now() + retry;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca;
+
+    #[tokio::test]
+    async fn a_released_pod_identity_is_forgotten_and_fixed_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("meshd-idm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca::init(&dir, "cluster.local").unwrap();
+        ca::issue_node(&dir, "n", Duration::from_secs(3600)).unwrap();
+        let issuer = IssuerFiles {
+            cert: dir.join("n.crt"),
+            key: dir.join("n.key"),
+        };
+        let node = SpiffeId::new("cluster.local", "meshd-system", "n").unwrap();
+        let pod = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+        let ttl = Duration::from_secs(3600);
+        let m = IdentityManager::start(issuer, ttl, vec![node.clone()], Default::default());
+        let m = m.unwrap();
+        let first = m.ensure(&pod).unwrap().borrow().serial.clone();
+        m.release(&pod);
+        m.release(&node);
+        assert!(m.watch(&pod).is_none() && m.watch(&node).is_some());
+        let again = m.ensure(&pod).unwrap().borrow().serial.clone();
+        assert_ne!(first, again, "a new pod of the identity gets a fresh SVID");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -128,7 +128,10 @@ impl PodManager {
             return Ok(());
         };
         served.capture.remove()?;
-        self.ctx.registry.remove_local_pod(served.info.ip);
+        let unheld = self.ctx.registry.remove_local_pod(served.info.ip);
+        if let (Some(id), Some(identity)) = (unheld, &self.identity) {
+            identity.manager.release(&id);
+        }
         tracing::info!(pod = %served.info.name, "pod removed");
         drop(served);
         self.ctx.metrics.pods.set(pods.len() as i64);
