@@ -135,9 +135,12 @@ fn demo(mode: &str) -> Result<()> {
 }
 
 /// Setup, then release builds of meshd, the test-host tools and the benchmark binaries.
+/// Release builds: meshd exactly as `cargo xtask build` makes it (its package alone, so no
+/// feature unification with the test and bench crates can change it: the benchmark measures
+/// the binary users run), then the test-host tools and the benchmark binaries.
 fn build_release_bins() -> Result<()> {
-    setup::run()?;
-    let packages = ["mesh-userspace", "mesh-tests", "mesh-benches"];
+    build()?;
+    let packages = ["mesh-tests", "mesh-benches"];
     let mut args = vec!["build", "--release", "--bins"];
     for p in packages {
         args.extend(["--package", p]);

@@ -33,6 +33,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "small helpers in tests (metrics fetch, port squatter)",
     ),
     ("nginx", "the benchmark's HTTP server"),
+    ("wrk", "the benchmark's closed-loop HTTP/1.1 load generator"),
+    (
+        "nghttp2-client",
+        "h2load, the benchmark's HTTP/2 load generator",
+    ),
     ("stunnel4", "the benchmark's stunnel mTLS pair"),
     ("haproxy", "the benchmark's HAProxy mTLS pair"),
     ("linux-perf", "cargo xtask profile samples meshd with perf"),

@@ -2,36 +2,70 @@
 //! node; the load generator in a workload cgroup on the client node (for the `-pods` paths:
 //! both in a pod on their node). Every path (direct, meshd iptables, meshd ebpf, stunnel4
 //! pair, HAProxy pair, and pod to pod direct and through meshd) runs on the same hosts in the
-//! same run,
-//! alternating path after path for each round, each with a warm-up. Writes JSON, a markdown
-//! table and an SVG plot to the output directory, and meshd's RSS idle and with 1,000 open
+//! same run, alternating path after path for each round, each with a warm-up. Load comes from
+//! wrk (closed loop, bulk), h2load (HTTP/2) and the project's event-driven loadgen (fixed
+//! rate), whose capacity is checked against wrk on the direct path. For every scenario the
+//! CPU time the path's proxies spent is read from /proc. Writes JSON, a markdown table and an
+//! SVG plot to the output directory, and meshd's RSS idle and with 1,000 and 10,000 open
 //! connections.
 //!
 //! mesh-bench [--short] [--out DIR] [--only PATH-OR-SCENARIO ...]
 
+mod cost;
+mod gen;
 mod paths;
+mod plot;
 mod report;
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use gen::Client;
 use paths::PathKind;
-use report::{Record, Rss};
+use report::{Record, Rss, RunInfo};
 use serde_json::Value;
-use testhosts::{handpods::HandPod, privileges, sibling_binary, MeshCa, Process, TestNet};
+use testhosts::{privileges, MeshCa, TestNet};
 
 struct Plan {
     /// `--only NAME` (repeatable): run only these paths and scenarios.
     only: Vec<String>,
     rounds: usize,
     warmup: u64,
-    closed: u64,
-    cpr: u64,
-    open: u64,
-    bulk: u64,
+    secs: u64,
 }
 
-const SCENARIOS: [&str; 4] = ["keep-alive", "conn-per-request", "open-1000rps", "bulk"];
+/// The scenarios, in the order they run on each path.
+#[derive(Clone, Copy)]
+enum Scenario {
+    KeepAlive(u64),
+    ConnPerRequest,
+    Open,
+    Bulk,
+    H2,
+}
+
+/// Many connections last: a proxy still working off their backlog must not slow the others.
+const SCENARIOS: [(&str, Scenario); 7] = [
+    ("keep-alive", Scenario::KeepAlive(16)),
+    ("conn-per-request", Scenario::ConnPerRequest),
+    ("open-1000rps", Scenario::Open),
+    ("bulk", Scenario::Bulk),
+    ("h2-keep-alive", Scenario::H2),
+    ("keep-alive-256", Scenario::KeepAlive(256)),
+    ("keep-alive-1000", Scenario::KeepAlive(1000)),
+];
+pub const SCENARIO_NAMES: [&str; 7] = [
+    SCENARIOS[0].0,
+    SCENARIOS[1].0,
+    SCENARIOS[2].0,
+    SCENARIOS[3].0,
+    SCENARIOS[4].0,
+    SCENARIOS[5].0,
+    SCENARIOS[6].0,
+];
+/// The open-loop rate and the connections it is spread over.
+const OPEN_RATE: u64 = 1000;
+const OPEN_CONNS: u64 = 16;
 
 impl Plan {
     /// Whether `name`, one of `all` (the paths, or the scenarios), is to run: yes unless
@@ -50,6 +84,9 @@ fn main() -> Result<()> {
     privileges()
         .map_err(anyhow::Error::msg)
         .context("the benchmark creates test hosts")?;
+    // wrk and meshd with 10,000 connections: every child inherits the raised limit.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let short = args.iter().any(|a| a == "--short");
     let only: Vec<String> = (args.windows(2))
@@ -61,27 +98,13 @@ fn main() -> Result<()> {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("bench"), PathBuf::from);
-    let plan = if short {
-        Plan {
-            only: only.clone(),
-            rounds: 1,
-            warmup: 1,
-            closed: 2,
-            cpr: 1,
-            open: 2,
-            bulk: 1,
-        }
-    } else {
-        Plan {
-            only,
-            rounds: 2,
-            warmup: 2,
-            closed: 10,
-            cpr: 5,
-            open: 10,
-            bulk: 5,
-        }
+    let plan = Plan {
+        only,
+        rounds: if short { 3 } else { 5 },
+        warmup: 1,
+        secs: if short { 1 } else { 5 },
     };
+    let info = RunInfo::collect(short, plan.rounds)?;
     let net = TestNet::new(2)?;
     let ca = MeshCa::new(&net)?;
     let dir = std::env::temp_dir().join(format!("{}-bench", net.id()));
@@ -89,7 +112,7 @@ fn main() -> Result<()> {
     let result = run(&net, &ca, &dir, &plan);
     let _ = std::fs::remove_dir_all(&dir);
     let (records, rss) = result?;
-    report::write(&out, &records, &rss, short)?;
+    report::write(&out, &info, &records, &rss)?;
     println!("{}", std::fs::read_to_string(out.join("results.md"))?);
     Ok(())
 }
@@ -112,95 +135,116 @@ fn run(
     for netns in namespaces {
         tune(netns)?;
     }
+    let script = gen::write_wrk_script(dir)?;
     let mut records = Vec::new();
     let mut rss = Rss::default();
+    let all_paths = PathKind::ALL.map(PathKind::name);
     for round in 0..plan.rounds {
         for kind in PathKind::ALL
             .into_iter()
-            .filter(|k| plan.wants(k.name(), &PathKind::ALL.map(PathKind::name)))
+            .filter(|k| plan.wants(k.name(), &all_paths))
         {
             eprintln!("mesh-bench: round {round}, path {}", kind.name());
-            let mut running = paths::up(kind, net, ca, dir, &pods)
+            let running = paths::up(kind, net, ca, dir, &pods)
                 .with_context(|| format!("bring up {}", kind.name()))?;
-            let (target, client) = if kind.in_pods() {
-                (&pods.server.ip, Some(&pods.client))
+            let (host, pod) = if kind.in_pods() {
+                (pods.server.ip.clone(), Some(&pods.client))
             } else {
-                (&net.node(1).addr.to_string(), None)
+                (net.node(1).addr.to_string(), None)
             };
-            let target = format!("{target}:{}", paths::NGINX_PORT);
-            if kind == PathKind::MeshdEbpf && round == 0 {
-                rss.idle_kib = running
-                    .client_meshd()
-                    .map(|m| vm_rss(m.process.pid()))
-                    .unwrap_or(0);
-            }
-            loadgen(
-                net,
-                client,
-                &["closed", &target, "16", &plan.warmup.to_string()],
-            )?;
-            let scenarios: [(&str, Vec<String>); 4] = [
-                (
-                    "keep-alive",
-                    vec![
-                        "closed".into(),
-                        target.clone(),
-                        "16".into(),
-                        plan.closed.to_string(),
-                    ],
-                ),
-                (
-                    "conn-per-request",
-                    vec![
-                        "cpr".into(),
-                        target.clone(),
-                        "16".into(),
-                        plan.cpr.to_string(),
-                    ],
-                ),
-                (
-                    "open-1000rps",
-                    vec![
-                        "open".into(),
-                        target.clone(),
-                        "1000".into(),
-                        "16".into(),
-                        plan.open.to_string(),
-                    ],
-                ),
-                (
-                    "bulk",
-                    vec!["bulk".into(), target.clone(), plan.bulk.to_string()],
-                ),
-            ];
-            for (scenario, argv) in scenarios
+            let client = Client { net, pod };
+            let idle_rss = running.client_meshd().map(|m| vm_rss(m.process.pid()));
+            let target = Target {
+                addr: format!("{host}:{}", paths::NGINX_PORT),
+                h2: format!("http://{host}:{}/", paths::NGINX_H2_PORT),
+                script: &script,
+            };
+            gen::wrk(client, &script, &target.url("/"), 16, plan.warmup, false)?;
+            for (name, scenario) in SCENARIOS
                 .into_iter()
-                .filter(|(s, _)| plan.wants(s, &SCENARIOS))
+                .filter(|(s, _)| plan.wants(s, &SCENARIO_NAMES))
             {
-                let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                // A path that breaks under a scenario is a result, not a reason to stop.
-                let value = loadgen(net, client, &argv).unwrap_or_else(|e| {
-                    eprintln!("mesh-bench: {} {scenario}: {e:#}", kind.name());
-                    for p in &mut running.processes {
-                        let out = p.output_so_far();
-                        let tail = out.len().saturating_sub(5);
-                        eprintln!("  {:?}: {}", p.argv, out[tail..].join("\n    "));
-                    }
-                    serde_json::json!({ "error": format!("{e:#}") })
-                });
+                if matches!(scenario, Scenario::H2) && !kind.carries_h2() {
+                    continue;
+                }
+                let value =
+                    measure(client, &target, scenario, plan.secs, &running).unwrap_or_else(|e| {
+                        // A path that breaks under a scenario is a result, not a reason to stop.
+                        eprintln!("mesh-bench: {} {name}: {e:#}", kind.name());
+                        serde_json::json!({ "errors": 1, "failure": format!("{e:#}") })
+                    });
                 records.push(Record {
                     path: kind.name(),
-                    scenario,
+                    scenario: name,
                     round,
                     value,
                 });
             }
+            if kind == PathKind::Direct {
+                records.push(agreement(client, &target, plan.secs, round)?);
+            }
             if kind == PathKind::MeshdEbpf && round == 0 {
-                rss.with_1000_kib = hold_1000(net, &target, &running)?;
+                rss = cost::rss_under_load(client, &target.url("/"), &script, &running)?;
+                rss.idle_kib = idle_rss.unwrap_or(0);
             }
         }
     }
     Ok((records, rss))
+}
+
+/// Where a path's requests go.
+pub struct Target<'a> {
+    pub addr: String,
+    pub h2: String,
+    pub script: &'a str,
+}
+
+impl Target<'_> {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// One scenario on a path, with the CPU its proxies spent meanwhile.
+fn measure(
+    client: Client,
+    target: &Target,
+    scenario: Scenario,
+    secs: u64,
+    running: &paths::Running,
+) -> Result<Value> {
+    let meter = cost::Meter::start(running);
+    let mut value = match scenario {
+        Scenario::KeepAlive(conns) => {
+            gen::wrk(client, target.script, &target.url("/"), conns, secs, false)?
+        }
+        Scenario::ConnPerRequest => {
+            gen::wrk(client, target.script, &target.url("/"), 16, secs, true)?
+        }
+        Scenario::Open => gen::loadgen(client, &target.addr, Some(OPEN_RATE), OPEN_CONNS, secs)?,
+        Scenario::Bulk => gen::wrk(client, target.script, &target.url("/bulk"), 1, secs, false)?,
+        Scenario::H2 => gen::h2load(client, &target.h2, 4, 32, secs)?,
+    };
+    meter.finish(&mut value);
+    Ok(value)
+}
+
+/// The open-loop generator's capacity against wrk's on the direct path, same round, same
+/// connections: its figures count only if it keeps up (within 10%).
+fn agreement(client: Client, target: &Target, secs: u64, round: usize) -> Result<Record> {
+    let wrk = gen::wrk(client, target.script, &target.url("/"), 16, secs, false)?;
+    let own = gen::loadgen(client, &target.addr, None, 16, secs)?;
+    let (w, o) = (
+        wrk["rps"].as_f64().unwrap_or(0.0),
+        own["rps"].as_f64().unwrap_or(0.0),
+    );
+    Ok(Record {
+        path: PathKind::Direct.name(),
+        scenario: report::AGREEMENT,
+        round,
+        value: serde_json::json!({"rps": o, "wrk_rps": w, "ratio": o / w,
+            "errors": own["errors"].as_f64().unwrap_or(0.0) + wrk["errors"].as_f64().unwrap_or(0.0)}),
+    })
 }
 
 /// The same TCP settings in every namespace a path's endpoints live in (nodes and pods; both
@@ -223,41 +267,8 @@ fn tune(netns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs the load generator in the client workload (or in the client's pod) and returns its
-/// JSON result.
-fn loadgen(net: &TestNet, pod: Option<&HandPod>, args: &[&str]) -> Result<Value> {
-    let bin = sibling_binary("loadgen").display().to_string();
-    let mut argv = vec![bin.as_str()];
-    argv.extend(args);
-    let mut p = match pod {
-        Some(pod) => Process::spawn_in(&pod.node, &pod.cgroup, &argv)?,
-        None => net.workload(0, "client", &argv)?,
-    };
-    let (status, out) = p.wait_output(Duration::from_secs(120))?;
-    anyhow::ensure!(status.success(), "loadgen {args:?} failed: {out}");
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .context("no JSON from loadgen")?;
-    Ok(serde_json::from_str(line)?)
-}
-
-/// meshd's RSS on the client node while 1,000 application connections are open through it.
-fn hold_1000(net: &TestNet, target: &str, running: &paths::Running) -> Result<u64> {
-    let bin = sibling_binary("loadgen").display().to_string();
-    let mut p = net.workload(0, "client", &[&bin, "hold", target, "1000", "3"])?;
-    p.expect_line("holding", Duration::from_secs(60))?;
-    let kib = running
-        .client_meshd()
-        .map(|m| vm_rss(m.process.pid()))
-        .unwrap_or(0);
-    let _ = p.wait_output(Duration::from_secs(30));
-    Ok(kib)
-}
-
 /// VmRSS of a process, in KiB.
-fn vm_rss(pid: i32) -> u64 {
+pub fn vm_rss(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let line = status.lines().find(|l| l.starts_with("VmRSS:"));
     line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())

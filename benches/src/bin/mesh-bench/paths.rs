@@ -15,6 +15,8 @@ use testhosts::{
 };
 
 pub const NGINX_PORT: u16 = 8080;
+/// nginx's HTTP/2 (prior knowledge, h2c) port.
+pub const NGINX_H2_PORT: u16 = 8081;
 const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,11 @@ impl PathKind {
         } else {
             PathKind::Direct
         }
+    }
+
+    /// Whether the path carries the HTTP/2 port: the pairs redirect only the HTTP/1.1 port.
+    pub fn carries_h2(self) -> bool {
+        !matches!(self, PathKind::Stunnel | PathKind::Haproxy)
     }
 
     fn meshd_mode(self) -> &'static str {
@@ -116,6 +123,14 @@ impl Running {
     pub fn client_meshd(&self) -> Option<&Meshd> {
         self.meshd.first()
     }
+
+    /// The path's proxies: both meshd, or both peers of a pair.
+    pub fn proxy_pids(&self) -> Vec<i32> {
+        let meshd = self.meshd.iter().map(|m| m.process.pid());
+        meshd
+            .chain(self.processes.iter().map(Process::pid))
+            .collect()
+    }
 }
 
 impl Drop for Running {
@@ -165,7 +180,7 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path, pods: &Pods) -
             }];
             let server = [WorkloadSpec {
                 name: "nginx",
-                ports: &[NGINX_PORT],
+                ports: &[NGINX_PORT, NGINX_H2_PORT],
             }];
             running.meshd.push(net.start_meshd_with(
                 0,
@@ -321,11 +336,12 @@ pub fn nginx(net: &TestNet, dir: &Path, pod: Option<&HandPod>) -> Result<Process
     std::fs::create_dir_all(dir.join("nginx-tmp"))?;
     let conf = format!(
         "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
-         worker_rlimit_nofile 16384;\nevents {{ worker_connections 8192; }}\n\
+         worker_rlimit_nofile 20000;\nevents {{ worker_connections 19000; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300;\n  \
          client_body_temp_path {d}/nginx-tmp;\n  proxy_temp_path {d}/nginx-tmp;\n  fastcgi_temp_path {d}/nginx-tmp;\n  \
          uwsgi_temp_path {d}/nginx-tmp;\n  scgi_temp_path {d}/nginx-tmp;\n  sendfile on;\n  \
-         server {{\n    listen {NGINX_PORT};\n    location = / {{ return 200 \"hello from nginx\\n\"; }}\n    \
+         server {{\n    listen {NGINX_PORT};\n    listen {NGINX_H2_PORT} http2;\n    \
+         location = / {{ return 200 \"hello from nginx\\n\"; }}\n    \
          location = /bulk {{ alias {d}/bulk.bin; }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
