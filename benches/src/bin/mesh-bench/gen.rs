@@ -94,6 +94,8 @@ pub fn wrk(
         "rps": n("requests") / seconds,
         "mbps": n("bytes") / seconds / 1e6,
         "socket_errors": socket_errors,
+        "socket_errors_by_kind": {"connect": n("connect"), "read": n("read"), "write": n("write"),
+            "timeout": n("timeout")},
         "non2xx": n("status"),
         "errors": socket_errors + n("status"),
         "p50_ms": ms("p50_us"), "p90_ms": ms("p90_us"), "p99_ms": ms("p99_us"),
