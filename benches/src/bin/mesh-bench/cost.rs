@@ -31,6 +31,7 @@ fn cpu_seconds(pid: i32) -> f64 {
 /// The proxies' CPU counters at the start of a scenario.
 pub struct Meter {
     start: Vec<(i32, f64)>,
+    client_meshd: Option<i32>,
 }
 
 impl Meter {
@@ -41,11 +42,13 @@ impl Meter {
                 .into_iter()
                 .map(|pid| (pid, cpu_seconds(pid)))
                 .collect(),
+            client_meshd: running.client_meshd().map(|m| m.process.pid()),
         }
     }
 
-    /// Adds `proxy_cpu_s`, `cpu_us_per_req` (all proxies together) and
-    /// `vcpu_per_1k_rps_per_proxy` to a scenario's result (nothing for a path without proxies).
+    /// Adds `proxy_cpu_s`, `cpu_us_per_req` (all proxies together),
+    /// `vcpu_per_1k_rps_per_proxy` and the client meshd's RSS after the run to a scenario's
+    /// result (nothing for a path without proxies).
     pub fn finish(self, value: &mut Value) {
         if self.start.is_empty() {
             return;
@@ -59,6 +62,9 @@ impl Meter {
         let (requests, seconds) = (n("requests"), n("seconds"));
         if let Value::Object(map) = value {
             map.insert("proxy_cpu_s".into(), json!(cpu));
+            if let Some(pid) = self.client_meshd {
+                map.insert("client_meshd_rss_kib".into(), json!(vm_rss(pid)));
+            }
             if requests > 0.0 && seconds > 0.0 {
                 let rps = requests / seconds;
                 let per_proxy = cpu / seconds / self.start.len() as f64;

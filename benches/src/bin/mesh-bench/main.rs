@@ -124,7 +124,13 @@ fn run(
     plan: &Plan,
 ) -> Result<(Vec<Record>, Rss)> {
     let _nginx = paths::nginx(net, dir, None)?;
-    let pods = paths::Pods::new(net);
+    let all_paths = PathKind::ALL.map(PathKind::name);
+    let wanted: Vec<PathKind> = PathKind::ALL
+        .into_iter()
+        .filter(|k| plan.wants(k.name(), &all_paths))
+        .collect();
+    let idle = wanted.iter().map(|k| k.idle_pods()).max().unwrap_or(0);
+    let pods = paths::Pods::new(net, idle);
     let _pod_nginx = paths::nginx(net, dir, Some(&pods.server))?;
     let namespaces = [
         &net.node(0).netns,
@@ -138,12 +144,8 @@ fn run(
     let script = gen::write_wrk_script(dir)?;
     let mut records = Vec::new();
     let mut rss = Rss::default();
-    let all_paths = PathKind::ALL.map(PathKind::name);
     for round in 0..plan.rounds {
-        for kind in PathKind::ALL
-            .into_iter()
-            .filter(|k| plan.wants(k.name(), &all_paths))
-        {
+        for &kind in &wanted {
             eprintln!("mesh-bench: round {round}, path {}", kind.name());
             let running = paths::up(kind, net, ca, dir, &pods)
                 .with_context(|| format!("bring up {}", kind.name()))?;
@@ -164,7 +166,7 @@ fn run(
                 .into_iter()
                 .filter(|(s, _)| plan.wants(s, &SCENARIO_NAMES))
             {
-                if matches!(scenario, Scenario::H2) && !kind.carries_h2() {
+                if !kind.runs(name) {
                     continue;
                 }
                 let value =

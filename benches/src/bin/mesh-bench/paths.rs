@@ -32,10 +32,13 @@ pub enum PathKind {
     DirectPods,
     MeshdIptablesPods,
     MeshdEbpfPods,
+    /// meshd-ebpf-pods with 9 / 99 more (idle) pods on each node: the cost of pod count.
+    MeshdEbpfPods10,
+    MeshdEbpfPods100,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 9] = [
+    pub const ALL: [PathKind; 11] = [
         PathKind::Direct,
         PathKind::MeshdIptables,
         PathKind::MeshdEbpf,
@@ -45,14 +48,32 @@ impl PathKind {
         PathKind::DirectPods,
         PathKind::MeshdIptablesPods,
         PathKind::MeshdEbpfPods,
+        PathKind::MeshdEbpfPods10,
+        PathKind::MeshdEbpfPods100,
     ];
 
     /// Whether the client and nginx run in pods rather than in the nodes' namespaces.
     pub fn in_pods(self) -> bool {
+        self == PathKind::DirectPods || self.meshes_pods()
+    }
+
+    fn meshes_pods(self) -> bool {
         matches!(
             self,
-            PathKind::DirectPods | PathKind::MeshdIptablesPods | PathKind::MeshdEbpfPods
+            PathKind::MeshdIptablesPods
+                | PathKind::MeshdEbpfPods
+                | PathKind::MeshdEbpfPods10
+                | PathKind::MeshdEbpfPods100
         )
+    }
+
+    /// Idle pods meshd serves on each node besides the measured ones.
+    pub fn idle_pods(self) -> usize {
+        match self {
+            PathKind::MeshdEbpfPods10 => 9,
+            PathKind::MeshdEbpfPods100 => 99,
+            _ => 0,
+        }
     }
 
     /// The path this one's ratios are taken against: direct between the same endpoints.
@@ -64,9 +85,14 @@ impl PathKind {
         }
     }
 
-    /// Whether the path carries the HTTP/2 port: the pairs redirect only the HTTP/1.1 port.
-    pub fn carries_h2(self) -> bool {
-        !matches!(self, PathKind::Stunnel | PathKind::Haproxy)
+    /// Whether `scenario` runs on this path: the pairs redirect only the HTTP/1.1 port (no
+    /// HTTP/2); the pod-count paths measure keep-alive only.
+    pub fn runs(self, scenario: &str) -> bool {
+        match self {
+            PathKind::Stunnel | PathKind::Haproxy => scenario != "h2-keep-alive",
+            PathKind::MeshdEbpfPods10 | PathKind::MeshdEbpfPods100 => scenario == "keep-alive",
+            _ => true,
+        }
     }
 
     fn meshd_mode(self) -> &'static str {
@@ -87,22 +113,31 @@ impl PathKind {
             PathKind::DirectPods => "direct-pods",
             PathKind::MeshdIptablesPods => "meshd-iptables-pods",
             PathKind::MeshdEbpfPods => "meshd-ebpf-pods",
+            PathKind::MeshdEbpfPods10 => "meshd-ebpf-10pods",
+            PathKind::MeshdEbpfPods100 => "meshd-ebpf-100pods",
         }
     }
 }
 
-/// A pod on each node: the client's on node 0, nginx's on node 1.
+/// A pod on each node: the client's on node 0, nginx's on node 1; and idle pods on both.
 pub struct Pods {
     pub client: HandPod,
     pub server: HandPod,
+    idle: [Vec<HandPod>; 2],
 }
 
 impl Pods {
-    pub fn new(net: &TestNet) -> Pods {
+    pub fn new(net: &TestNet, idle_per_node: usize) -> Pods {
         route_pod_subnets(net);
+        let idle = |node| {
+            (1..=idle_per_node)
+                .map(|k| hand_pod(net, node, k))
+                .collect()
+        };
         Pods {
             client: hand_pod(net, 0, 0),
             server: hand_pod(net, 1, 0),
+            idle: [idle(0), idle(1)],
         }
     }
 }
@@ -115,7 +150,7 @@ pub struct Running {
     net_id: String,
     /// Pods announced to meshd (pod, name, CNI socket): deleted (CNI DEL) before meshd stops,
     /// as a runtime would, so that nothing of this path stays in the pods.
-    announced: Vec<(HandPod, &'static str, String)>,
+    announced: Vec<(HandPod, String, String)>,
 }
 
 impl Running {
@@ -136,7 +171,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         for (pod, name, socket) in self.announced.drain(..) {
-            let (ok, out) = cni("DEL", &pod, name, &socket);
+            let (ok, out) = cni("DEL", &pod, &name, &socket);
             if !ok {
                 eprintln!("mesh-bench: CNI DEL of {name}: {out}");
             }
@@ -162,13 +197,20 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path, pods: &Pods) -
     };
     match kind {
         PathKind::Direct | PathKind::DirectPods => {}
-        PathKind::MeshdIptablesPods | PathKind::MeshdEbpfPods => {
+        PathKind::MeshdIptablesPods
+        | PathKind::MeshdEbpfPods
+        | PathKind::MeshdEbpfPods10
+        | PathKind::MeshdEbpfPods100 => {
             for (node, pod, name) in [(0, &pods.client, "client"), (1, &pods.server, "nginx")] {
                 let (meshd, socket) = start_pods_meshd(net, ca, node, kind.meshd_mode(), "");
                 running.meshd.push(meshd);
-                let (ok, out) = cni("ADD", pod, name, &socket);
-                anyhow::ensure!(ok, "CNI ADD of {name}: {out}");
-                running.announced.push((pod.clone(), name, socket));
+                let idle = pods.idle[node].iter().take(kind.idle_pods());
+                let named = idle.enumerate().map(|(k, p)| (p, format!("idle-{k}")));
+                for (pod, name) in std::iter::once((pod, name.to_string())).chain(named) {
+                    let (ok, out) = cni("ADD", pod, &name, &socket);
+                    anyhow::ensure!(ok, "CNI ADD of {name}: {out}");
+                    running.announced.push((pod.clone(), name, socket.clone()));
+                }
             }
         }
         PathKind::MeshdIptables | PathKind::MeshdEbpf | PathKind::MeshdEbpfSkMsg => {

@@ -210,6 +210,7 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
             row.errors
         );
     }
+    pods_per_node(&mut t, records);
     let samples: Vec<String> = rss
         .samples
         .iter()
@@ -225,13 +226,48 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
             )
         })
         .collect();
+    if !samples.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nmeshd (ebpf, client node) RSS: {:.1} MB idle; {}.",
+            rss.idle_kib as f64 / 1024.0,
+            samples.join("; ")
+        );
+    }
+    t
+}
+
+/// Keep-alive through meshd-ebpf with 1, 10 and 100 pods served on each node.
+fn pods_per_node(t: &mut String, records: &[Record]) {
+    let kinds = [
+        (1, PathKind::MeshdEbpfPods),
+        (10, PathKind::MeshdEbpfPods10),
+        (100, PathKind::MeshdEbpfPods100),
+    ];
+    let rows: Vec<_> = kinds
+        .iter()
+        .filter_map(|(n, k)| Some((n, reduce(records, k.name(), "keep-alive", "rps")?)))
+        .collect();
+    if rows.len() < 2 {
+        return;
+    }
     let _ = writeln!(
         t,
-        "\nmeshd (ebpf, client node) RSS: {:.1} MB idle; {}.",
-        rss.idle_kib as f64 / 1024.0,
-        samples.join("; ")
+        "\n| pods per node (meshd-ebpf) | keep-alive rps | min-max | p99 ms | client meshd RSS MB | errors |\n|---|---|---|---|---|---|"
     );
-    t
+    for (n, row) in rows {
+        let m = |k: &str| f(row.median, k);
+        let _ = writeln!(
+            t,
+            "| {n} | {} | {:.0}-{:.0} | {} | {} | {} |",
+            cell(m("rps"), 0),
+            row.min,
+            row.max,
+            cell(m("p99_ms"), 3),
+            cell(m("client_meshd_rss_kib").map(|k| k / 1024.0), 1),
+            row.errors
+        );
+    }
 }
 
 pub fn write(dir: &Path, info: &RunInfo, records: &[Record], rss: &Rss) -> Result<()> {
