@@ -133,14 +133,14 @@ pub struct ProxySettings {
     /// bpffs directory for meshd's pinned links and maps.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
-    /// Threads serving connections. 1 (default): one event loop, no cross-thread wake-ups —
-    /// measured 43 % more keep-alive requests/s than a 2-worker pool on a 2-core node. More
-    /// threads pay off when meshd has cores to itself.
+    /// Threads serving connections. 1 (default): one event loop, no cross-thread wake-ups, for
+    /// nodes where meshd shares few cores with the workloads. More threads pay off when meshd
+    /// has cores to itself (the benchmark has no multi-worker path: measure on your node).
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
     /// `--mode=ebpf`: move bytes between applications and meshd on this node with sk_msg
-    /// (socket to socket, no TCP stack on the loopback hop; +69 % keep-alive requests/s in the
-    /// benchmark). The default of every workload's `sk_msg_bypass`. Needs meshd in a cgroup of its own (not the root), where it attaches sockops
+    /// (socket to socket, no TCP stack on the loopback hop; the benchmark's meshd-ebpf-skmsg
+    /// path: +33 % keep-alive requests/s over meshd-ebpf with 16 connections, README table). The default of every workload's `sk_msg_bypass`. Needs meshd in a cgroup of its own (not the root), where it attaches sockops
     /// for its own sockets. Off by default: an application socket in a sockmap has the
     /// kernel's tcp_bpf receive path, where a *blocking* read can fail with EAGAIN when the
     /// socket is woken without data (e.g. another thread half-closes it). Event-driven
