@@ -12,8 +12,8 @@ use std::{future::poll_fn, io};
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncWrite, AsyncWriteExt},
+    net::{tcp::ReadHalf, TcpStream},
 };
 
 /// Flow-control windows and frame size, as the reference peer advertises them: large enough
@@ -71,16 +71,20 @@ pub async fn bridge(
 /// How long a failed send waits for the peer's own account of the failure.
 const PEER_VERDICT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-async fn to_stream(
-    rd: &mut (impl AsyncRead + Unpin),
-    mut send: SendStream<Bytes>,
-) -> io::Result<u64> {
+/// Application bytes into the stream. A read buffer exists only while the socket has data:
+/// the task waits for readability first and allocates then, so an idle connection (most of
+/// them, most of the time) holds no buffer.
+async fn to_stream(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>) -> io::Result<u64> {
     let mut want = READ_MIN;
-    let mut buf = BytesMut::with_capacity(want);
     let mut total = 0u64;
     loop {
-        buf.reserve(want);
-        let n = rd.read_buf(&mut buf).await?;
+        rd.readable().await?;
+        let mut buf = BytesMut::with_capacity(want);
+        let n = match rd.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
@@ -90,7 +94,7 @@ async fn to_stream(
         } else {
             READ_MIN
         };
-        let mut data = buf.split().freeze();
+        let mut data = buf.freeze();
         total += data.len() as u64;
         while !data.is_empty() {
             send.reserve_capacity(data.len());
