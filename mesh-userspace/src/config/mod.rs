@@ -139,8 +139,8 @@ pub struct ProxySettings {
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
     /// `--mode=ebpf`: move bytes between applications and meshd on this node with sk_msg
-    /// (socket to socket, no TCP stack on the loopback hop; the benchmark's meshd-ebpf-skmsg
-    /// path: +33 % keep-alive requests/s over meshd-ebpf with 16 connections, README table). The default of every workload's `sk_msg_bypass`. Needs meshd in a cgroup of its own (not the root), where it attaches sockops
+    /// (socket to socket, no TCP stack on the loopback hop; the gain is the README table's
+    /// meshd-ebpf-skmsg path against meshd-ebpf). The default of every workload's `sk_msg_bypass`. Needs meshd in a cgroup of its own (not the root), where it attaches sockops
     /// for its own sockets. Off by default: an application socket in a sockmap has the
     /// kernel's tcp_bpf receive path, where a *blocking* read can fail with EAGAIN when the
     /// socket is woken without data (e.g. another thread half-closes it). Event-driven
