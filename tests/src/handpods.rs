@@ -204,3 +204,40 @@ pub fn start_pods_meshd(
     let meshd = net.start_meshd_with(node, mode, &[], &config).unwrap();
     (meshd, socket)
 }
+
+/// Checks one pod-to-pod tunnel in both meshd's access logs: the server side names the client
+/// pod's SPIFFE ID and IP, the client side the server's SPIFFE ID. Returns the client side's
+/// first outbound HBONE line for further checks.
+pub fn assert_pod_tunnel(
+    client: &mut Meshd,
+    server: &mut Meshd,
+    (client_id, client_ip): (&str, &str),
+    server_id: &str,
+    mode: &str,
+) -> String {
+    let inbound = server
+        .wait_access(&["direction=inbound", "transport=hbone"], 3)
+        .unwrap();
+    assert!(
+        inbound[0].contains(&format!("peer={client_id}")),
+        "{mode}: {inbound:?}"
+    );
+    assert!(
+        inbound[0].contains(&format!("src={client_ip}:")),
+        "{mode}: the client pod's own address as source: {inbound:?}"
+    );
+    let outbound = client
+        .wait_access(&["direction=outbound", "transport=hbone"], 3)
+        .unwrap();
+    assert!(
+        outbound[0].contains(&format!("peer={server_id}")),
+        "{mode}: {outbound:?}"
+    );
+    outbound[0].clone()
+}
+
+/// Both meshd's output so far, for an assertion message.
+pub fn logs(a: &mut Meshd, b: &mut Meshd) -> String {
+    let (a, b) = (a.process.output_so_far(), b.process.output_so_far());
+    format!("node 0:\n{}\nnode 1:\n{}", a.join("\n"), b.join("\n"))
+}

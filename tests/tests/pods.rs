@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use testhosts::{
-    handpods::{pods_config_with, route_pod_subnets},
+    handpods::{assert_pod_tunnel, logs, pods_config_with, route_pod_subnets},
     in_ci,
     podman::{pod_yaml, Pod, Podman, CGROUP_PARENT},
     require_privileges, require_tools, sibling_binary, Capture, MeshCa, Meshd, TestNet,
@@ -118,13 +118,6 @@ fn podman_pods_are_meshed_with_the_identity_in_their_metadata() {
         let target = format!("{}:7000", db.ip);
         let capture = Capture::start(&net, 0).unwrap();
         let (ok, out) = client(&p0, &web, &target, MARKER);
-        let logs = |m0: &mut Meshd, m1: &mut Meshd| {
-            format!(
-                "node 0:\n{}\nnode 1:\n{}",
-                m0.process.output_so_far().join("\n"),
-                m1.process.output_so_far().join("\n")
-            )
-        };
         assert!(ok, "{mode}: {out}\n{}", logs(&mut m0, &mut m1));
         assert!(
             out.contains(&format!("peer {target}")),
@@ -134,24 +127,8 @@ fn podman_pods_are_meshed_with_the_identity_in_their_metadata() {
             !capture.saw(MARKER).unwrap(),
             "{mode}: marker crossed in plaintext"
         );
-        let inbound = m1
-            .wait_access(&["direction=inbound", "transport=hbone"], 3)
-            .unwrap();
-        assert!(
-            inbound[0].contains(&format!("peer={WEB}")),
-            "{mode}: {inbound:?}"
-        );
-        assert!(
-            inbound[0].contains(&format!("src={}:", web.ip)),
-            "{mode}: the pod's own address as source: {inbound:?}"
-        );
-        let outbound = m0
-            .wait_access(&["direction=outbound", "transport=hbone"], 3)
-            .unwrap();
-        assert!(
-            outbound[0].contains(&format!("peer={DB}")),
-            "{mode}: {outbound:?}"
-        );
+        let web_ip = web.ip.to_string();
+        assert_pod_tunnel(&mut m0, &mut m1, (WEB, &web_ip), DB, mode);
 
         // meshd gone on node 0: its pod's connections fail instead of leaving in plaintext, and
         // no new pod starts there unprotected.

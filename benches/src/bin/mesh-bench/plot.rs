@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use crate::{
     paths::PathKind,
     report::{reduce, Record},
-    SCENARIO_NAMES,
+    scenario_names,
 };
 
 const ROW: f64 = 16.0;
@@ -23,7 +23,7 @@ fn colour(kind: PathKind) -> &'static str {
 }
 
 pub fn svg(records: &[Record]) -> String {
-    let panels: Vec<&str> = SCENARIO_NAMES
+    let panels: Vec<&str> = scenario_names()
         .iter()
         .copied()
         .filter(|s| records.iter().any(|r| r.scenario == *s))

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use crate::{paths::PathKind, SCENARIO_NAMES};
+use crate::{paths::PathKind, scenario_names};
 
 /// The record name of the open-loop generator's capacity check against wrk.
 pub const AGREEMENT: &str = "loadgen-vs-wrk";
@@ -156,7 +156,7 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
     );
     let _ = writeln!(t, "| path | scenario | rps | rps min-max | rps vs direct | p50 ms | p99 ms | p99.9 ms | p99 vs direct | mean ms | proxy CPU µs/req | vCPU per 1k rps per proxy | errors |");
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for scenario in SCENARIO_NAMES.iter().filter(|s| **s != "bulk") {
+    for scenario in scenario_names().iter().filter(|s| **s != "bulk") {
         for kind in PathKind::ALL {
             let Some(row) = reduce(records, kind.name(), scenario, "rps") else {
                 continue;
