@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod identity;
 pub mod inpod;
 pub mod intercept;
+pub mod l7;
 pub mod logbuf;
 pub mod metrics;
 pub mod proxy;
