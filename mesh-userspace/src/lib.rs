@@ -13,6 +13,7 @@ pub mod intercept;
 pub mod l7;
 pub mod logbuf;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod sys;

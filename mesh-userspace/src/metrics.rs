@@ -90,6 +90,22 @@ pub struct Metrics {
     pub server_identity: Family<ResultLabels, Counter>,
     pub pod_events: Family<PodEventLabels, Counter>,
     pub pods: Gauge,
+    pub policy_decisions: Family<PolicyLabels, Counter>,
+    pub policy_reloads: Family<ResultLabels, Counter>,
+    pub policy_last_reload_failed: Gauge,
+    pub policies: Gauge,
+}
+
+/// One authorization decision: `allow` or `deny`, the deciding policy (`ns/name`, or `-` when
+/// none did), the reason (`allowed_by_policy`, `no_policy`, `denied_by_policy`,
+/// `no_allow_match`, `revoked` for an open connection a reload no longer allows), and the layer
+/// (`l4` per connection, `http` or `grpc` per request).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub decision: &'static str,
+    pub policy: String,
+    pub reason: &'static str,
+    pub layer: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +129,10 @@ impl Default for Metrics {
             server_identity: Family::default(),
             pod_events: Family::default(),
             pods: Gauge::default(),
+            policy_decisions: Family::default(),
+            policy_reloads: Family::default(),
+            policy_last_reload_failed: Gauge::default(),
+            policies: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +185,26 @@ impl Default for Metrics {
             m.pod_events.clone(),
         );
         registry.register("pods", "Pods meshd serves now", m.pods.clone());
+        registry.register(
+            "policy_decisions",
+            "Authorization decisions, by decision, deciding policy, reason and layer",
+            m.policy_decisions.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Authorization policy reloads, by result (ok, rejected)",
+            m.policy_reloads.clone(),
+        );
+        registry.register(
+            "policy_last_reload_failed",
+            "1 when the last policy reload was rejected (the previous policy is in force)",
+            m.policy_last_reload_failed.clone(),
+        );
+        registry.register(
+            "policies",
+            "Authorization policies in force",
+            m.policies.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -197,6 +237,18 @@ impl Metrics {
         self.svid_renewals
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn policy_decision(&self, labels: PolicyLabels) {
+        self.policy_decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn policy_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.policy_last_reload_failed.set(i64::from(!ok));
     }
 
     /// Prometheus text exposition.

@@ -223,7 +223,8 @@ struct Policy {
     ports: BTreeMap<u16, MtlsMode>,
 }
 
-const ROOT_NAMESPACE: &str = "istio-system";
+/// The Istio root namespace: policies there apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
 
 impl PeerAuth {
     pub fn from_docs(docs: &[PeerAuthenticationDoc]) -> Result<PeerAuth, ConfigError> {
