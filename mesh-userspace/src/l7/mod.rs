@@ -4,6 +4,10 @@
 //! dialled to the workload; they ask a [`RequestGate`] about every request head before any byte
 //! of it reaches the workload. Allowed requests pass byte for byte.
 
+pub mod grpc;
+pub mod h2io;
+pub mod http1;
+
 use http::request::Parts;
 
 /// What the gate says about one request.
