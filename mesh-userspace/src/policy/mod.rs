@@ -7,6 +7,7 @@
 
 pub mod doc;
 pub mod matcher;
+pub mod query;
 pub mod reload;
 pub mod rule;
 
