@@ -22,6 +22,7 @@ use crate::{
     inpod::manager::{PodIdentity, PodManager},
     intercept::{ebpf, iptables, Interception, Mode},
     metrics::Metrics,
+    policy::reload::Live,
     proxy::{self, inbound, outbound, Context, Scope, Tunnels},
     registry::Registry,
     tls::{self, verify::TrustBundle},
@@ -58,6 +59,9 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
+    // Before anything is installed: a broken policy file stops start-up cleanly.
+    let policy = Arc::new(Live::load(cfg.policies.clone()).context("authorization policy")?);
+    metrics.policies.set(policy.current().len() as i64);
     let (tunnels, hbone_tls, pod_identity) = match &cfg.identity {
         Some(identity) => {
             let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics)?;
@@ -87,6 +91,7 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         tunnels,
         local_addrs: Default::default(),
         registry: Arc::new(Registry::new(cfg.mesh.identities.clone())),
+        policy: policy.clone(),
     });
     let cni = match &cfg.pods {
         Some(pods) => {
@@ -121,6 +126,7 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         _ = admin::serve(ready_listener, Endpoint::Ready) => Ok(()),
         _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
+        watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
     };
     tracing::info!(status = %interception.status(), "stopping");

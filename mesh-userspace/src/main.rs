@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         Command::Cleanup { pin_dir, state_dir } => meshd::cleanup::run(pin_dir, state_dir),
         Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
         Command::Ca(command) => cli::ca(command),
+        Command::Policy(command) => cli::policy(command),
         Command::InstallCni {
             conf_dir,
             bin_dir,

@@ -3,7 +3,7 @@
 //! with the field it is in and what is wrong with it.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -50,6 +50,11 @@ pub struct Config {
     /// Pods: workloads in their own network namespaces, announced by the `meshd-cni` plugin.
     #[serde(default)]
     pub pods: Option<PodSettings>,
+    /// AuthorizationPolicy files or directories (Istio's security.istio.io v1/v1beta1 shape).
+    /// Changes are picked up live (inotify, SIGHUP); without any, every verified peer may reach
+    /// every workload port.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
 }
 
 /// How meshd serves pods (each in its own network namespace).
@@ -97,13 +102,86 @@ pub struct WorkloadConfig {
     pub service_account: Option<String>,
     /// The workload's cgroup, relative to the cgroup v2 mount (a leading `/` is allowed).
     pub cgroup: PathBuf,
-    /// Ports the workload serves; new inbound connections to them are captured.
+    /// Ports the workload serves; new inbound connections to them are captured. `8080` or
+    /// `{port: 8080, protocol: http}`: on `http` (HTTP/1.1) and `grpc` (HTTP/2 with prior
+    /// knowledge) ports authorization policy decides each request; `tcp` (the default) each
+    /// connection.
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortConfig>,
+    /// Labels AuthorizationPolicy selectors match (`selector.matchLabels`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// ebpf mode: this workload's local hops to meshd use the sk_msg bypass (default:
     /// `proxy.sk_msg_bypass`). Turn it on for event-driven workloads (non-blocking sockets).
     #[serde(default)]
     pub sk_msg_bypass: Option<bool>,
+}
+
+/// A workload port, with its protocol when it is not plain TCP.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum PortConfig {
+    Port(u16),
+    Spec(PortSpec),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl PortConfig {
+    pub fn port(&self) -> u16 {
+        match self {
+            PortConfig::Port(p) => *p,
+            PortConfig::Spec(s) => s.port,
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            PortConfig::Port(_) => Protocol::Tcp,
+            PortConfig::Spec(s) => s.protocol,
+        }
+    }
+}
+
+/// What a workload port speaks, as far as policy needs to know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    /// HTTP/1.1: policy decides each request.
+    Http,
+    /// gRPC (HTTP/2 with prior knowledge): policy decides each call.
+    Grpc,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            "grpc" => Ok(Protocol::Grpc),
+            other => Err(format!("{other:?} is not tcp, http or grpc")),
+        }
+    }
 }
 
 fn default_namespace() -> String {
@@ -229,8 +307,18 @@ pub struct Workload {
     /// cgroup v2 id (the directory's inode number), what eBPF programs report.
     pub cgroup_id: u64,
     pub ports: Vec<u16>,
+    /// Ports that are not plain TCP (policy decides their requests).
+    pub protocols: BTreeMap<u16, Protocol>,
+    /// What AuthorizationPolicy selectors match.
+    pub labels: BTreeMap<String, String>,
     /// Its sockets to and from meshd go through the sk_msg bypass (ebpf mode).
     pub sk_msg_bypass: bool,
+}
+
+impl Workload {
+    pub fn protocol(&self, port: u16) -> Protocol {
+        self.protocols.get(&port).copied().unwrap_or_default()
+    }
 }
 
 /// The validated configuration.
@@ -244,6 +332,7 @@ pub struct Validated {
     pub mesh: MeshSettings,
     pub peer_auth: PeerAuth,
     pub pods: Option<ValidPods>,
+    pub policies: Vec<PathBuf>,
 }
 
 /// [`PodSettings`] with the cgroup parent found on this machine.
@@ -335,6 +424,7 @@ impl Config {
             mesh,
             peer_auth: mesh::PeerAuth::from_docs(&self.peer_authentication)?,
             pods: self.pods.map(|p| p.validate(cgroup_root)).transpose()?,
+            policies: self.policies,
         })
     }
 }
@@ -387,8 +477,8 @@ impl WorkloadConfig {
         field: &dyn Fn(&str) -> String,
     ) -> Result<Workload, ConfigError> {
         let (cgroup_path, meta) = cgroup_dir(cgroup_root, &self.cgroup, &field("cgroup"))?;
-        for (j, port) in self.ports.iter().enumerate() {
-            if *port == 0 || mesh_common::ports::ALL.contains(port) {
+        for (j, port) in self.ports.iter().map(PortConfig::port).enumerate() {
+            if port == 0 || mesh_common::ports::ALL.contains(&port) {
                 let reason = format!("{port} is not a workload port (0 or one of meshd's own)");
                 return Err(err(field(&format!("ports[{j}]")), reason));
             }
@@ -399,7 +489,12 @@ impl WorkloadConfig {
             service_account: self.service_account.clone().unwrap_or(self.name.clone()),
             cgroup_id: std::os::linux::fs::MetadataExt::st_ino(&meta),
             cgroup_path,
-            ports: self.ports.clone(),
+            ports: self.ports.iter().map(PortConfig::port).collect(),
+            protocols: (self.ports.iter())
+                .filter(|p| p.protocol() != Protocol::Tcp)
+                .map(|p| (p.port(), p.protocol()))
+                .collect(),
+            labels: self.labels.clone(),
             sk_msg_bypass: false,
         })
     }

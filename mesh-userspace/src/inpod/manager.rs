@@ -370,6 +370,8 @@ fn pod_workload(info: &PodInfo, meta: &PodMeta) -> Workload {
         cgroup_path: PathBuf::new(),
         cgroup_id: 0,
         ports: Vec::new(),
+        protocols: meta.protocols.clone(),
+        labels: meta.labels.clone(),
         sk_msg_bypass: false,
     }
 }

@@ -14,9 +14,12 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::protocol::PodInfo;
+use crate::config::Protocol;
 
 pub const NAMESPACE_ANNOTATION: &str = "meshd.io/namespace";
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "meshd.io/service-account";
+/// Ports that are not plain TCP: `"8080/http,50051/grpc"` (policy decides their requests).
+pub const PORTS_ANNOTATION: &str = "meshd.io/ports";
 /// How long podman may keep its lock (setting the pod up) before the pod is given up.
 const PODMAN_DEADLINE: Duration = Duration::from_secs(60);
 const PODMAN_CALL: Duration = Duration::from_secs(5);
@@ -26,6 +29,7 @@ pub struct PodMeta {
     pub namespace: String,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    pub protocols: BTreeMap<u16, Protocol>,
 }
 
 /// Where the pod's metadata comes from.
@@ -43,6 +47,7 @@ impl MetadataSource {
             namespace: info.namespace.clone(),
             service_account: info.service_account.clone().unwrap_or("default".into()),
             labels: info.labels.clone(),
+            protocols: BTreeMap::new(),
         };
         match self {
             MetadataSource::CniArgs => Ok(from_cni),
@@ -97,7 +102,38 @@ fn meta_from(
             .cloned()
             .unwrap_or(base.service_account),
         labels: all,
+        protocols: annotations
+            .get(PORTS_ANNOTATION)
+            .map(|a| port_protocols(a))
+            .unwrap_or_default(),
     }
+}
+
+/// Reads `meshd.io/ports`. A malformed entry is logged and left out: its port stays plain TCP,
+/// where HTTP-only ALLOW rules never match, so a typo denies rather than opens.
+pub fn port_protocols(annotation: &str) -> BTreeMap<u16, Protocol> {
+    let mut out = BTreeMap::new();
+    for entry in annotation
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let parsed = entry.split_once('/').and_then(|(port, proto)| {
+            let port = port.trim().parse::<u16>().ok().filter(|p| *p != 0)?;
+            Some((port, proto.trim().parse::<Protocol>().ok()?))
+        });
+        match parsed {
+            Some((port, proto)) => {
+                out.insert(port, proto);
+            }
+            None => tracing::warn!(
+                annotation = PORTS_ANNOTATION,
+                entry,
+                "not PORT/PROTOCOL (tcp, http, grpc); the entry is ignored"
+            ),
+        }
+    }
+    out
 }
 
 fn first(v: &Value) -> &Value {
@@ -136,11 +172,16 @@ mod tests {
             namespace: "default".into(),
             service_account: "default".into(),
             labels: BTreeMap::from([("from".into(), "cni".into())]),
+            protocols: BTreeMap::new(),
         };
         let labels = BTreeMap::from([("app".into(), "web".into())]);
         let annotations = BTreeMap::from([
             (NAMESPACE_ANNOTATION.to_string(), "shop".to_string()),
             (SERVICE_ACCOUNT_ANNOTATION.to_string(), "web".to_string()),
+            (
+                PORTS_ANNOTATION.to_string(),
+                "8080/http, 9000/grpc,x/http,1/ftp".to_string(),
+            ),
         ]);
         let meta = meta_from(base.clone(), labels, &annotations);
         assert_eq!(
@@ -148,6 +189,8 @@ mod tests {
             ("shop", "web")
         );
         assert_eq!(meta.labels.len(), 2);
+        let expected = BTreeMap::from([(8080, Protocol::Http), (9000, Protocol::Grpc)]);
+        assert_eq!(meta.protocols, expected);
         let plain = meta_from(base, BTreeMap::new(), &BTreeMap::new());
         assert_eq!(plain.namespace, "default");
     }

@@ -6,6 +6,7 @@
 //! the connection is allowed.
 
 pub mod doc;
+pub mod explain;
 pub mod matcher;
 pub mod query;
 pub mod reload;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mesh_common::DELIVERY_SOURCE_IP;
 use tokio::net::TcpStream;
 
-use super::{labels, relay_plaintext, Access, Context, Scope};
+use super::{authz::Guard, labels, relay_plaintext, reset, Access, Context, Scope};
 use crate::{config::MtlsMode, metrics::Direction};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
@@ -43,6 +43,13 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         }
         MtlsMode::Disable => {}
     }
+    let source_ip = src.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |s| s.ip());
+    let guard = Guard::new(ctx.clone(), workload.clone(), dst, None, source_ip);
+    if !guard.admit() {
+        ctx.metrics.reject(Direction::Inbound, "policy_denied");
+        reset(&app);
+        return;
+    }
     let mut access = Access::begin(
         &ctx,
         labels(&ctx, Direction::Inbound, "plaintext"),
@@ -50,5 +57,6 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         src,
     );
     access.workload = Some(workload);
-    relay_plaintext(&ctx, app, access, Some(DELIVERY_SOURCE_IP.into()), &scope).await;
+    let delivery = Some((DELIVERY_SOURCE_IP.into(), guard));
+    relay_plaintext(&ctx, app, access, delivery, &scope).await;
 }

@@ -3,6 +3,7 @@
 //! connections), the plaintext relay, and the access record every connection ends with: one
 //! log line, counters and the active gauge.
 
+pub mod authz;
 pub mod inbound;
 pub mod outbound;
 
@@ -48,6 +49,8 @@ pub struct Context {
     pub local_addrs: LocalAddrs,
     /// Which identity must answer at a destination address.
     pub registry: Arc<Registry>,
+    /// The authorization policy in force (reloaded live).
+    pub policy: Arc<crate::policy::reload::Live>,
 }
 
 /// Where a listener serves: meshd's own network namespace (host workloads, `pod: None`) or one
@@ -244,14 +247,15 @@ impl Access {
     }
 }
 
-/// Plaintext: dial `dst` and copy both ways with half-close.
+/// Plaintext: dial `dst` and copy both ways with half-close (inbound: as policy carries it).
 pub async fn relay_plaintext(
     ctx: &Context,
     mut app: TcpStream,
     mut access: Access,
-    source: Option<Ipv4Addr>,
+    delivery: Option<(Ipv4Addr, authz::Guard)>,
     scope: &Scope,
 ) {
+    let (source, guard) = delivery.unzip();
     let mut upstream = match dial(access.dst, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
         Err(e) => {
@@ -265,7 +269,10 @@ pub async fn relay_plaintext(
         }
     };
     access.src = access.src.or(app.peer_addr().ok());
-    let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+    let result = match guard {
+        Some(guard) => guard.carry(authz::Downstream::Tcp(app), upstream).await,
+        None => tokio::io::copy_bidirectional(&mut app, &mut upstream).await,
+    };
     access.finish(ctx, result);
 }
 

@@ -18,10 +18,13 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{bridge, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     metrics::Direction,
-    proxy::{dial, labels, Access, Context, Scope},
+    proxy::{
+        authz::{Downstream, Guard},
+        dial, labels, Access, Context, Scope,
+    },
     tls::{
         config::handshake_failure_reason,
         verify::{identity_of, PeerIdentity},
@@ -194,6 +197,13 @@ async fn stream_task(
             return;
         }
     };
+    let principal = Some(crate::policy::principal_of(&who.id));
+    let guard = Guard::new(ctx.clone(), workload.clone(), target, principal, peer.ip());
+    if !guard.admit() {
+        ctx.metrics.reject(Direction::Inbound, "policy_denied");
+        let _ = answer(&mut respond, StatusCode::FORBIDDEN);
+        return;
+    }
     let mut access = Access::begin(
         &ctx,
         labels(&ctx, Direction::Inbound, "hbone"),
@@ -203,7 +213,7 @@ async fn stream_task(
     access.workload = Some(workload);
     access.peer = Some(who);
     let source = Some(DELIVERY_SOURCE_IP.into());
-    let mut upstream = match dial(target, ctx.mark, source, scope.netns()).await {
+    let upstream = match dial(target, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics
@@ -218,13 +228,10 @@ async fn stream_task(
         .body(())
         .expect("static response");
     let result = match respond.send_response(response, false) {
-        Ok(send) => bridge(
-            &mut upstream,
-            send,
-            std::future::ready(Ok(request.into_body())),
-        )
-        .await
-        .map(|(to_peer, to_workload)| (to_workload, to_peer)),
+        Ok(send) => {
+            let downstream = Downstream::Hbone(send, request.into_body());
+            guard.carry(downstream, upstream).await
+        }
         Err(e) => Err(std::io::Error::other(e)),
     };
     access.finish(&ctx, result);

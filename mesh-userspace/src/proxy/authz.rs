@@ -1,0 +1,231 @@
+//! Authorization at the inbound edge: every connection to a local workload (HBONE at :15008,
+//! PERMISSIVE plaintext at :15006) is decided before its destination is dialled; on ports the
+//! workload declares `http` or `grpc` each request is decided again by the L7 filters; and a
+//! policy reload decides every open connection again, closing those it no longer allows.
+
+use std::{
+    net::{IpAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http::request::Parts;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::Context;
+use crate::{
+    config::{Protocol, Workload},
+    l7::{self, h2io::H2Io, RequestGate},
+    metrics::{Direction, PolicyLabels},
+    policy::{
+        query::namespace_of, query::path_only, Attrs, Decision, Http, Target, Unknown, Verdict,
+    },
+    tunnel,
+};
+
+/// One inbound connection as policy sees it.
+#[derive(Clone)]
+pub struct Guard {
+    ctx: Arc<Context>,
+    workload: Arc<Workload>,
+    dst: SocketAddrV4,
+    /// The caller's principal (`td/ns/X/sa/Y`), `None` for plaintext.
+    principal: Option<String>,
+    source_ip: IpAddr,
+}
+
+/// Where the caller's bytes come from.
+pub enum Downstream {
+    /// An HBONE CONNECT stream.
+    Hbone(h2::SendStream<Bytes>, h2::RecvStream),
+    /// A plaintext connection (PERMISSIVE).
+    Tcp(TcpStream),
+}
+
+impl Guard {
+    pub fn new(
+        ctx: Arc<Context>,
+        workload: Arc<Workload>,
+        dst: SocketAddrV4,
+        principal: Option<String>,
+        source_ip: IpAddr,
+    ) -> Guard {
+        Guard {
+            ctx,
+            workload,
+            dst,
+            principal,
+            source_ip,
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.workload.protocol(self.dst.port())
+    }
+
+    /// Decides the connection (or, with `http`, one request) under the policy in force.
+    fn decide(&self, http: Option<&Http>) -> Decision {
+        let set = self.ctx.policy.current();
+        let principal = self.principal.as_deref();
+        let attrs = Attrs {
+            principal,
+            namespace: principal.and_then(namespace_of),
+            source_ip: self.source_ip,
+            destination_ip: IpAddr::V4(*self.dst.ip()),
+            destination_port: self.dst.port(),
+            http,
+        };
+        let target = Target {
+            namespace: &self.workload.namespace,
+            labels: &self.workload.labels,
+        };
+        let unknown = match self.protocol() {
+            Protocol::Tcp => Unknown::AsTcp,
+            Protocol::Http | Protocol::Grpc => Unknown::Defer,
+        };
+        set.decide(&target, &attrs, unknown)
+    }
+
+    /// Counts and logs a decision; whether it lets the connection or request through.
+    fn record(&self, d: &Decision, layer: &'static str, request: Option<&Http>) -> bool {
+        let allowed = d.verdict != Verdict::Deny;
+        for audit in &d.audited {
+            tracing::info!(policy = %audit.id(), workload = %self.workload.name, dst = %self.dst,
+                principal = self.principal.as_deref().unwrap_or("-"), layer,
+                method = request.map_or("-", |r| r.method), path = request.map_or("-", |r| r.path),
+                allowed, "AUDIT");
+        }
+        self.ctx.metrics.policy_decision(PolicyLabels {
+            decision: if allowed { "allow" } else { "deny" },
+            policy: d.policy_id(),
+            reason: d.reason,
+            layer,
+        });
+        if !allowed {
+            tracing::warn!(policy = %d.policy_id(), rule = ?d.rule, reason = d.reason,
+                workload = %self.workload.name, dst = %self.dst, src = %self.source_ip,
+                principal = self.principal.as_deref().unwrap_or("-"), layer,
+                method = request.map_or("-", |r| r.method), path = request.map_or("-", |r| r.path),
+                "denied by authorization policy");
+        }
+        allowed
+    }
+
+    /// The connection-level decision, before the destination is dialled.
+    pub fn admit(&self) -> bool {
+        let d = self.decide(None);
+        self.record(&d, "l4", None)
+    }
+
+    /// Carries an admitted connection: a byte copy on TCP ports, the HTTP/1.1 or gRPC filter
+    /// on L7 ports, until it ends or a reload no longer allows it. Returns the bytes sent to the
+    /// workload and to the caller.
+    pub async fn carry(
+        self,
+        downstream: Downstream,
+        upstream: TcpStream,
+    ) -> std::io::Result<(u64, u64)> {
+        let mut changes = self.ctx.policy.tx.subscribe();
+        let work = self.clone().serve(downstream, upstream);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return work.await;
+                    }
+                    let mut d = self.decide(None);
+                    if d.verdict == Verdict::Deny {
+                        d.reason = "revoked";
+                        self.record(&d, "l4", None);
+                        return Err(std::io::Error::other("closed: the reloaded policy no longer allows this connection"));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(
+        self,
+        downstream: Downstream,
+        mut upstream: TcpStream,
+    ) -> std::io::Result<(u64, u64)> {
+        match (self.protocol(), downstream) {
+            (Protocol::Tcp, Downstream::Hbone(send, recv)) => {
+                let ready = std::future::ready(Ok(recv));
+                let (to_peer, to_workload) = tunnel::bridge(&mut upstream, send, ready).await?;
+                Ok((to_workload, to_peer))
+            }
+            (Protocol::Tcp, Downstream::Tcp(mut app)) => {
+                tokio::io::copy_bidirectional(&mut app, &mut upstream).await
+            }
+            (protocol, Downstream::Hbone(send, recv)) => {
+                self.filter(protocol, H2Io::new(send, recv), upstream).await
+            }
+            (protocol, Downstream::Tcp(app)) => self.filter(protocol, app, upstream).await,
+        }
+    }
+
+    async fn filter<D>(
+        self,
+        protocol: Protocol,
+        downstream: D,
+        upstream: TcpStream,
+    ) -> std::io::Result<(u64, u64)>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if protocol == Protocol::Grpc {
+            let layer: Arc<dyn RequestGate> = Arc::new(Layer {
+                guard: self,
+                name: "grpc",
+            });
+            l7::grpc::filter(downstream, upstream, layer).await?;
+            // The gRPC filter relays frames, not a byte stream; its bytes are not counted here.
+            return Ok((0, 0));
+        }
+        let layer = Layer {
+            guard: self,
+            name: "http",
+        };
+        l7::http1::filter(downstream, upstream, &layer).await
+    }
+}
+
+/// The per-request gate of one connection.
+struct Layer {
+    guard: Guard,
+    name: &'static str,
+}
+
+impl RequestGate for Layer {
+    fn decide(&self, head: &Parts) -> l7::Verdict {
+        let host = head.uri.authority().map(|a| a.as_str()).or_else(|| {
+            head.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        let http = Http {
+            method: head.method.as_str(),
+            path: path_only(head.uri.path()),
+            host,
+            headers: &head.headers,
+        };
+        let d = self.guard.decide(Some(&http));
+        if self.guard.record(&d, self.name, Some(&http)) {
+            l7::Verdict::Allow
+        } else {
+            l7::Verdict::Deny
+        }
+    }
+
+    fn rejected(&self, reason: &'static str) {
+        self.guard.ctx.metrics.reject(Direction::Inbound, reason);
+        tracing::warn!(workload = %self.guard.workload.name, dst = %self.guard.dst, reason,
+            "request refused: 400");
+    }
+}
