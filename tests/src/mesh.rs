@@ -106,23 +106,30 @@ impl TestNet {
         workloads: &[WorkloadSpec],
         extra: &str,
     ) -> Result<String> {
-        let mount = meshd::sys::ensure_cgroup2()?;
-        let mut text = String::from("workloads:\n");
+        let mut entries = String::new();
         for w in workloads {
-            let cgroup = self.cgroup().join(w.name);
-            std::fs::create_dir_all(&cgroup)?;
-            let relative = cgroup.strip_prefix(&mount)?.display().to_string();
-            text.push_str(&format!(
-                "- name: {}\n  cgroup: /{relative}\n  ports: {:?}\n",
-                w.name, w.ports
-            ));
+            entries.push_str(&self.workload_yaml(w.name, &format!("  ports: {:?}\n", w.ports))?);
         }
+        self.meshd_config_yaml(node, &entries, extra)
+    }
+
+    /// One `workloads:` entry: its cgroup (created) and `body` (indented YAML lines: ports,
+    /// labels...).
+    pub fn workload_yaml(&self, name: &str, body: &str) -> Result<String> {
+        let mount = meshd::sys::ensure_cgroup2()?;
+        let cgroup = self.cgroup().join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        let relative = cgroup.strip_prefix(&mount)?.display().to_string();
+        Ok(format!("- name: {name}\n  cgroup: /{relative}\n{body}"))
+    }
+
+    /// A whole config from `workloads:` entries (see [`TestNet::workload_yaml`]) and `extra`.
+    pub fn meshd_config_yaml(&self, node: usize, workloads: &str, extra: &str) -> Result<String> {
         let pin_dir = self.pin_dir()?.join(format!("n{node}"));
-        text.push_str(&format!(
-            "proxy:\n  pin_dir: {}\n{extra}",
+        Ok(format!(
+            "workloads:\n{workloads}proxy:\n  pin_dir: {}\n{extra}",
             pin_dir.display()
-        ));
-        Ok(text)
+        ))
     }
 
     /// Starts meshd on `node` in `mode` and waits until it is ready.
@@ -144,7 +151,12 @@ impl TestNet {
         extra: &str,
     ) -> Result<Meshd> {
         let text = self.meshd_config(node, workloads, extra)?;
-        let mut meshd = self.spawn_meshd(node, mode, &text)?;
+        self.start_meshd_config(node, mode, &text)
+    }
+
+    /// Starts meshd with a whole config text and waits until it is ready.
+    pub fn start_meshd_config(&self, node: usize, mode: &str, text: &str) -> Result<Meshd> {
+        let mut meshd = self.spawn_meshd(node, mode, text)?;
         meshd
             .process
             .expect_line_containing("meshd ready", Duration::from_secs(30))

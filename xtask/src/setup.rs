@@ -28,6 +28,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "the TLS 1.2 client the HBONE listener must refuse",
     ),
+    ("curl", "the HTTP client of the authorization policy tests"),
     (
         "python3",
         "small helpers in tests (metrics fetch, port squatter)",

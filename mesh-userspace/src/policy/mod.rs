@@ -219,7 +219,7 @@ fn decide_in_order<'a>(
     attrs: &Attrs,
     unknown: Unknown,
 ) -> Decision {
-    let mut deferred = None;
+    let mut deny_deferred = None;
     for p in deny {
         match p.matching_rule(attrs) {
             Some((r, Tri::Yes)) => {
@@ -228,27 +228,34 @@ fn decide_in_order<'a>(
             Some((r, _)) if unknown == Unknown::AsTcp => {
                 return Decision::new(Verdict::Deny, "denied_by_policy", Some((p, r)))
             }
-            Some((r, _)) => deferred = deferred.or(Some((*p, r))),
+            Some((r, _)) => deny_deferred = deny_deferred.or(Some((*p, r))),
             None => {}
         }
     }
-    let mut any_allow = false;
+    let (mut any_allow, mut matched, mut allow_deferred) = (false, None, None);
     for p in allow {
         any_allow = true;
         match p.matching_rule(attrs) {
-            Some((r, Tri::Yes)) if deferred.is_none() => {
-                return Decision::new(Verdict::Allow, "allowed_by_policy", Some((p, r)))
+            Some((r, Tri::Yes)) => {
+                matched = Some((*p, r));
+                break;
             }
-            Some((r, Tri::Unknown)) if unknown == Unknown::Defer => {
-                deferred = deferred.or(Some((*p, r)))
+            Some((r, _)) if unknown == Unknown::Defer => {
+                allow_deferred = allow_deferred.or(Some((*p, r)))
             }
             _ => {}
         }
     }
-    match deferred {
-        Some(by) => Decision::new(Verdict::PerRequest, "per_request", Some(by)),
-        None if any_allow => Decision::new(Verdict::Deny, "no_allow_match", None),
-        None => Decision::new(Verdict::Allow, "no_policy", None),
+    // No ALLOW rule can match whatever the requests are: denied now, DENY rules aside.
+    if any_allow && matched.is_none() && allow_deferred.is_none() {
+        return Decision::new(Verdict::Deny, "no_allow_match", None);
+    }
+    match (deny_deferred, matched, allow_deferred) {
+        (Some(by), _, _) | (None, None, Some(by)) => {
+            Decision::new(Verdict::PerRequest, "per_request", Some(by))
+        }
+        (None, Some(by), _) => Decision::new(Verdict::Allow, "allowed_by_policy", Some(by)),
+        (None, None, None) => Decision::new(Verdict::Allow, "no_policy", None),
     }
 }
 

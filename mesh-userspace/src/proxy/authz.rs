@@ -37,6 +37,16 @@ pub struct Guard {
     source_ip: IpAddr,
 }
 
+/// What the connection-level decision lets happen.
+pub enum Admission {
+    /// Dial the workload and carry the connection.
+    Dial,
+    /// A TCP port: refuse the connection.
+    Refuse,
+    /// An L7 port: answer its requests as denied, without dialling.
+    DenyRequests(Decision),
+}
+
 /// Where the caller's bytes come from.
 pub enum Downstream {
     /// An HBONE CONNECT stream.
@@ -115,9 +125,34 @@ impl Guard {
     }
 
     /// The connection-level decision, before the destination is dialled.
-    pub fn admit(&self) -> bool {
+    pub fn admit(&self) -> Admission {
         let d = self.decide(None);
-        self.record(&d, "l4", None)
+        if self.record(&d, "l4", None) {
+            Admission::Dial
+        } else if self.protocol() == Protocol::Tcp {
+            Admission::Refuse
+        } else {
+            Admission::DenyRequests(d)
+        }
+    }
+
+    /// A connection to an L7 port that policy refuses: nothing is dialled; each request is
+    /// answered as a denied request is (HTTP 403 `RBAC: access denied`, gRPC status 7), which is
+    /// what callers of an HTTP service expect rather than a reset.
+    pub async fn deny_requests(
+        self,
+        decision: Decision,
+        downstream: Downstream,
+    ) -> std::io::Result<(u64, u64)> {
+        // The filters get an upstream that never answers (and is never written to).
+        let (upstream, _held) = tokio::io::duplex(64);
+        let layer = Layer {
+            name: self.protocol().as_str(),
+            guard: self,
+            refused: Some(decision),
+        };
+        let (_, to_caller) = layer.filter(downstream, upstream).await?;
+        Ok((0, to_caller))
     }
 
     /// Carries an admitted connection: a byte copy on TCP ports, the HTTP/1.1 or gRPC filter
@@ -163,36 +198,15 @@ impl Guard {
             (Protocol::Tcp, Downstream::Tcp(mut app)) => {
                 tokio::io::copy_bidirectional(&mut app, &mut upstream).await
             }
-            (protocol, Downstream::Hbone(send, recv)) => {
-                self.filter(protocol, H2Io::new(send, recv), upstream).await
+            (protocol, downstream) => {
+                let layer = Layer {
+                    guard: self,
+                    name: protocol.as_str(),
+                    refused: None,
+                };
+                layer.filter(downstream, upstream).await
             }
-            (protocol, Downstream::Tcp(app)) => self.filter(protocol, app, upstream).await,
         }
-    }
-
-    async fn filter<D>(
-        self,
-        protocol: Protocol,
-        downstream: D,
-        upstream: TcpStream,
-    ) -> std::io::Result<(u64, u64)>
-    where
-        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        if protocol == Protocol::Grpc {
-            let layer: Arc<dyn RequestGate> = Arc::new(Layer {
-                guard: self,
-                name: "grpc",
-            });
-            l7::grpc::filter(downstream, upstream, layer).await?;
-            // The gRPC filter relays frames, not a byte stream; its bytes are not counted here.
-            return Ok((0, 0));
-        }
-        let layer = Layer {
-            guard: self,
-            name: "http",
-        };
-        l7::http1::filter(downstream, upstream, &layer).await
     }
 }
 
@@ -200,6 +214,34 @@ impl Guard {
 struct Layer {
     guard: Guard,
     name: &'static str,
+    /// The connection is refused: every request is denied with this decision.
+    refused: Option<Decision>,
+}
+
+impl Layer {
+    async fn filter<U>(self, downstream: Downstream, upstream: U) -> std::io::Result<(u64, u64)>
+    where
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match downstream {
+            Downstream::Hbone(send, recv) => self.run(H2Io::new(send, recv), upstream).await,
+            Downstream::Tcp(app) => self.run(app, upstream).await,
+        }
+    }
+
+    async fn run<D, U>(self, downstream: D, upstream: U) -> std::io::Result<(u64, u64)>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.guard.protocol() == Protocol::Grpc {
+            let layer: Arc<dyn RequestGate> = Arc::new(self);
+            l7::grpc::filter(downstream, upstream, layer).await?;
+            // The gRPC filter relays frames, not a byte stream; its bytes are not counted here.
+            return Ok((0, 0));
+        }
+        l7::http1::filter(downstream, upstream, &self).await
+    }
 }
 
 impl RequestGate for Layer {
@@ -215,7 +257,10 @@ impl RequestGate for Layer {
             host,
             headers: &head.headers,
         };
-        let d = self.guard.decide(Some(&http));
+        let d = match &self.refused {
+            Some(d) => d.clone(),
+            None => self.guard.decide(Some(&http)),
+        };
         if self.guard.record(&d, self.name, Some(&http)) {
             l7::Verdict::Allow
         } else {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use mesh_common::DELIVERY_SOURCE_IP;
 use tokio::net::TcpStream;
 
-use super::{authz::Guard, labels, relay_plaintext, reset, Access, Context, Scope};
+use super::{
+    authz::{Admission, Downstream, Guard},
+    labels, relay_plaintext, reset, Access, Context, Scope,
+};
 use crate::{config::MtlsMode, metrics::Direction};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
@@ -45,7 +48,8 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     }
     let source_ip = src.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |s| s.ip());
     let guard = Guard::new(ctx.clone(), workload.clone(), dst, None, source_ip);
-    if !guard.admit() {
+    let admission = guard.admit();
+    if let Admission::Refuse = admission {
         ctx.metrics.reject(Direction::Inbound, "policy_denied");
         reset(&app);
         return;
@@ -57,6 +61,11 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         src,
     );
     access.workload = Some(workload);
+    if let Admission::DenyRequests(decision) = admission {
+        ctx.metrics.reject(Direction::Inbound, "policy_denied");
+        let result = guard.deny_requests(decision, Downstream::Tcp(app)).await;
+        return access.finish(&ctx, result);
+    }
     let delivery = Some((DELIVERY_SOURCE_IP.into(), guard));
     relay_plaintext(&ctx, app, access, delivery, &scope).await;
 }

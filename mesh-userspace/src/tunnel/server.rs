@@ -22,7 +22,7 @@ use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     metrics::Direction,
     proxy::{
-        authz::{Downstream, Guard},
+        authz::{Admission, Downstream, Guard},
         dial, labels, Access, Context, Scope,
     },
     tls::{
@@ -199,11 +199,15 @@ async fn stream_task(
     };
     let principal = Some(crate::policy::principal_of(&who.id));
     let guard = Guard::new(ctx.clone(), workload.clone(), target, principal, peer.ip());
-    if !guard.admit() {
-        ctx.metrics.reject(Direction::Inbound, "policy_denied");
-        let _ = answer(&mut respond, StatusCode::FORBIDDEN);
-        return;
-    }
+    let refused = match guard.admit() {
+        Admission::Dial => None,
+        Admission::Refuse => {
+            ctx.metrics.reject(Direction::Inbound, "policy_denied");
+            let _ = answer(&mut respond, StatusCode::FORBIDDEN);
+            return;
+        }
+        Admission::DenyRequests(decision) => Some(decision),
+    };
     let mut access = Access::begin(
         &ctx,
         labels(&ctx, Direction::Inbound, "hbone"),
@@ -212,6 +216,17 @@ async fn stream_task(
     );
     access.workload = Some(workload);
     access.peer = Some(who);
+    if let Some(decision) = refused {
+        ctx.metrics.reject(Direction::Inbound, "policy_denied");
+        let result = match respond.send_response(ok(), false) {
+            Ok(send) => {
+                let downstream = Downstream::Hbone(send, request.into_body());
+                guard.deny_requests(decision, downstream).await
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        return access.finish(&ctx, result);
+    }
     let source = Some(DELIVERY_SOURCE_IP.into());
     let upstream = match dial(target, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
@@ -223,11 +238,7 @@ async fn stream_task(
             return;
         }
     };
-    let response = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .expect("static response");
-    let result = match respond.send_response(response, false) {
+    let result = match respond.send_response(ok(), false) {
         Ok(send) => {
             let downstream = Downstream::Hbone(send, request.into_body());
             guard.carry(downstream, upstream).await
@@ -235,6 +246,14 @@ async fn stream_task(
         Err(e) => Err(std::io::Error::other(e)),
     };
     access.finish(&ctx, result);
+}
+
+/// The answer to a CONNECT that is carried.
+fn ok() -> Response<()> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("static response")
 }
 
 #[cfg(test)]

@@ -1,0 +1,282 @@
+//! Authorization policy end to end, the sidecar article's three services: `www` and `auth` on
+//! node 0, `db` (HTTP on :8080, declared `protocol: http`) on node 1, STRICT mTLS, default
+//! deny. www may GET and POST db, auth may not (it dials db's address directly: there is no
+//! other way in), a DENY beats the ALLOW, AUDIT logs and allows; then live reload: a broken file
+//! leaves the old policy in force, and removing the ALLOW closes the open connection it covered.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use testhosts::{require_privileges, MeshCa, Meshd, TestNet};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// db: answers every method with `db METHOD PATH BODYLEN`, keep-alive.
+const DB_SERVER: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n)
+        out = ("db %s %s %d" % (self.command, self.path, len(body))).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_DELETE = do_PUT = answer
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
+/// A keep-alive client: one GET, then it waits for the server side to close and prints when.
+const HOLDING_CLIENT: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=30)
+s.sendall(b"GET /held HTTP/1.1\r\nHost: db\r\n\r\n")
+got = b""
+while not got.endswith(b"db GET /held 0"):
+    more = s.recv(4096)
+    if not more:
+        break
+    got += more
+print("response", got.split(b"\r\n")[0].decode(), flush=True)
+print("open", flush=True)
+try:
+    data = s.recv(4096)
+except OSError as e:
+    data = b""
+print("closed %.3f %r" % (time.time(), data[:40]), flush=True)
+"#;
+
+const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
+
+fn www_to_db(principal: &str) -> String {
+    format!(
+        "{HEAD}metadata: {{name: www-to-db, namespace: default}}\nspec:\n  \
+         selector: {{matchLabels: {{app: db}}}}\n  action: ALLOW\n  rules:\n  \
+         - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/{principal}\"]}}}}]\n    \
+           to: [{{operation: {{methods: [GET, POST]}}}}]\n"
+    )
+}
+
+/// Writes `name` in `dir` as editors and ConfigMaps do: a new file renamed over the old.
+fn put(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+struct PolicyDir(PathBuf);
+
+impl PolicyDir {
+    fn new(net: &TestNet) -> PolicyDir {
+        let dir = std::env::temp_dir().join(format!("{}-policies", net.id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        put(
+            &dir,
+            "00-default-deny.yaml",
+            &format!("{HEAD}metadata: {{name: allow-nothing, namespace: default}}\nspec: {{}}\n"),
+        );
+        put(&dir, "10-www-to-db.yaml", &www_to_db("www"));
+        put(&dir, "20-no-admin.yaml", &format!(
+            "{HEAD}metadata: {{name: no-admin, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  \
+             action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"/admin/*\"]}}}}]}}]\n"));
+        put(&dir, "30-audit-posts.yaml", &format!(
+            "{HEAD}metadata: {{name: audit-posts, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  \
+             action: AUDIT\n  rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]\n"));
+        PolicyDir(dir)
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `curl` from `workload` on node 0: the status code and body of each request.
+fn curl(net: &TestNet, workload: &str, args: &[&str]) -> String {
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", " [%{http_code}]\n"];
+    argv.extend_from_slice(args);
+    let mut p = net.workload(0, workload, &argv).unwrap();
+    let (_, out) = p.wait_output(WAIT).unwrap();
+    out
+}
+
+fn metric_sum(meshd: &Meshd, net: &TestNet, node: usize, needles: &[&str]) -> f64 {
+    let text = meshd.metrics(net, node).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn start(net: &TestNet, ca: &MeshCa, policies: &Path) -> (Meshd, Meshd) {
+    let clients = [
+        net.workload_yaml("www", "  ports: []\n").unwrap(),
+        net.workload_yaml("auth", "  ports: []\n").unwrap(),
+    ]
+    .concat();
+    let client = net
+        .meshd_config_yaml(0, &clients, &ca.config(0, "24h", &[]))
+        .unwrap();
+    let db = net
+        .workload_yaml(
+            "db",
+            "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n",
+        )
+        .unwrap();
+    let extra = format!(
+        "{}policies: [{}]\n",
+        ca.config(1, "24h", &[]),
+        policies.display()
+    );
+    let server = net.meshd_config_yaml(1, &db, &extra).unwrap();
+    let a = net.start_meshd_config(0, "ebpf", &client).unwrap();
+    let b = net.start_meshd_config(1, "ebpf", &server).unwrap();
+    (a, b)
+}
+
+#[test]
+fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let dir = PolicyDir::new(&net);
+    let mut db = net
+        .workload(1, "db", &["python3", "-c", DB_SERVER])
+        .unwrap();
+    db.expect_line("ready", WAIT).unwrap();
+    let (_a, mut b) = start(&net, &ca, &dir.0);
+    let url = |path: &str| format!("http://{}:8080{path}", net.node(1).addr);
+
+    // The method/path matrix, as the article and the policies above have it.
+    let denied = "RBAC: access denied [403]";
+    let matrix: [(&str, &str, &str, &str); 8] = [
+        ("www", "GET", "/items", "db GET /items 0 [200]"),
+        ("www", "POST", "/items", "db POST /items 5 [200]"),
+        (
+            "www",
+            "GET",
+            "/items?next=/admin/x",
+            "db GET /items?next=/admin/x 0 [200]",
+        ),
+        ("www", "DELETE", "/items/1", denied),
+        ("www", "PUT", "/items/1", denied),
+        ("www", "GET", "/admin/users", denied),
+        ("auth", "GET", "/items", denied),
+        ("auth", "POST", "/items", denied),
+    ];
+    for (who, method, path, expected) in matrix {
+        let target = url(path);
+        let mut args = vec!["-X", method, target.as_str()];
+        if method == "POST" {
+            args.extend(["--data-binary", "hello"]);
+        }
+        let out = curl(&net, who, &args);
+        assert_eq!(
+            out.trim(),
+            expected,
+            "{who} {method} {path}; meshd log:\n{}",
+            b.process.output_so_far().join("\n")
+        );
+    }
+    // Keep-alive: a denial answers 403 and closes; curl's next request opens a new connection.
+    let each = ["-sS", "-w", " [%{http_code}]\n"];
+    let (a, b2, c) = (url("/a"), url("/b"), url("/c"));
+    let mut args = vec![a.as_str(), "--next"];
+    args.extend(each.iter().chain(&["-X", "DELETE", b2.as_str(), "--next"]));
+    args.extend(each.iter().chain(&[c.as_str()]));
+    let out = curl(&net, "www", &args);
+    assert_eq!(
+        out.trim(),
+        format!("db GET /a 0 [200]\n{denied}\ndb GET /c 0 [200]")
+    );
+
+    // AUDIT logged the POST and changed nothing; decisions are counted by policy and reason.
+    b.process.expect_line_containing("AUDIT", WAIT).unwrap();
+    assert!(b
+        .process
+        .output_so_far()
+        .iter()
+        .any(|l| l.contains("AUDIT") && l.contains("default/audit-posts")));
+    let denied_by = |policy: &str, reason: &str| {
+        metric_sum(
+            &b,
+            &net,
+            1,
+            &[
+                "meshd_policy_decisions_total",
+                "decision=\"deny\"",
+                &format!("policy=\"{policy}\""),
+                &format!("reason=\"{reason}\""),
+            ],
+        )
+    };
+    assert!(denied_by("default/no-admin", "denied_by_policy") >= 1.0);
+    assert!(denied_by("-", "no_allow_match") >= 4.0);
+
+    // A broken file is rejected whole: the old policy stays in force and a metric says so.
+    std::fs::write(dir.0.join("10-www-to-db.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{to: [{operation: {method: [GET]}}]}]}\n").unwrap();
+    b.process
+        .expect_line_containing("reload rejected", WAIT)
+        .unwrap();
+    let log = b.process.output_so_far().join("\n");
+    assert!(
+        log.contains("10-www-to-db.yaml:4: spec.rules[0].to[0].operation: unknown field `method`"),
+        "{log}"
+    );
+    assert_eq!(
+        metric_sum(&b, &net, 1, &["meshd_policy_last_reload_failed"]),
+        1.0
+    );
+    assert_eq!(
+        curl(&net, "www", &[&url("/still")]).trim(),
+        "db GET /still 0 [200]"
+    );
+    assert_eq!(curl(&net, "auth", &[&url("/still")]).trim(), denied);
+
+    // The good file back, then an open keep-alive connection of www's; removing its ALLOW
+    // closes it within a second.
+    put(&dir.0, "10-www-to-db.yaml", &www_to_db("www"));
+    b.process
+        .expect_line_containing("authorization policy reloaded", WAIT)
+        .unwrap();
+    let target = net.node(1).addr.to_string();
+    let mut held = net
+        .workload(0, "www", &["python3", "-c", HOLDING_CLIENT, &target])
+        .unwrap();
+    let first = held.expect_line_containing("response", WAIT).unwrap();
+    assert!(first.contains("200"), "{first}");
+    held.expect_line("open", WAIT).unwrap();
+    let revoked_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = Instant::now();
+    put(&dir.0, "10-www-to-db.yaml", &www_to_db("someone-else"));
+    let closed = held
+        .expect_line_containing("closed", Duration::from_secs(5))
+        .unwrap();
+    let at: f64 = closed.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(closed.ends_with("b''") && at >= revoked_at, "{closed}");
+    assert!(
+        at - revoked_at < 1.0 && started.elapsed() < Duration::from_secs(2),
+        "closed {:.3}s after the reload: {closed}",
+        at - revoked_at
+    );
+    let revoked = &["meshd_policy_decisions_total", "reason=\"revoked\""];
+    assert!(
+        metric_sum(&b, &net, 1, revoked) >= 1.0,
+        "{}\n{}",
+        b.metrics(&net, 1).unwrap(),
+        b.process.output_so_far().join("\n")
+    );
+    assert_eq!(curl(&net, "www", &[&url("/after")]).trim(), denied);
+}
