@@ -92,6 +92,9 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         local_addrs: Default::default(),
         registry: Arc::new(Registry::new(cfg.mesh.identities.clone())),
         policy: policy.clone(),
+        limits: proxy::limits::Limits::new(&cfg.limits),
+        egress_policies: proxy::egress::EgressPolicies::new(&cfg.egress_policies)
+            .map_err(|e| anyhow::anyhow!(e))?,
     });
     let cni = match &cfg.pods {
         Some(pods) => {

@@ -55,6 +55,14 @@ pub struct Config {
     /// every workload port.
     #[serde(default)]
     pub policies: Vec<PathBuf>,
+    /// Abuse limits at the inbound edge (off unless set): `per_source` (caller identity) and
+    /// `per_workload`, each with `max_connections`, `connections_per_second`, `burst`.
+    #[serde(default)]
+    pub limits: crate::proxy::limits::LimitsConfig,
+    /// Which destinations outside the mesh each workload may reach; workloads none selects
+    /// follow `mesh.egress`.
+    #[serde(default)]
+    pub egress_policies: Vec<crate::proxy::egress::EgressPolicyConfig>,
 }
 
 /// How meshd serves pods (each in its own network namespace).
@@ -333,6 +341,8 @@ pub struct Validated {
     pub peer_auth: PeerAuth,
     pub pods: Option<ValidPods>,
     pub policies: Vec<PathBuf>,
+    pub limits: crate::proxy::limits::LimitsConfig,
+    pub egress_policies: Vec<crate::proxy::egress::EgressPolicyConfig>,
 }
 
 /// [`PodSettings`] with the cgroup parent found on this machine.
@@ -407,6 +417,15 @@ impl Config {
                 "must not be 0 (unmarked sockets carry 0)",
             ));
         }
+        let limits = [
+            ("limits.per_source", &self.limits.per_source),
+            ("limits.per_workload", &self.limits.per_workload),
+        ];
+        for (field, limit) in limits {
+            limit.validate().map_err(|reason| err(field, reason))?;
+        }
+        crate::proxy::egress::EgressPolicies::new(&self.egress_policies)
+            .map_err(|reason| err("egress_policies", reason))?;
         let identity = self.identity.as_ref().map(|i| i.validate()).transpose()?;
         let mesh = self.mesh.validate()?;
         if identity.is_none() && !mesh.networks.is_empty() {
@@ -425,6 +444,8 @@ impl Config {
             peer_auth: mesh::PeerAuth::from_docs(&self.peer_authentication)?,
             pods: self.pods.map(|p| p.validate(cgroup_root)).transpose()?,
             policies: self.policies,
+            limits: self.limits,
+            egress_policies: self.egress_policies,
         })
     }
 }

@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::Context;
+use super::{limits::Permit, Context};
 use crate::{
     config::{Protocol, Workload},
     l7::{self, h2io::H2Io, RequestGate},
@@ -122,6 +122,24 @@ impl Guard {
                 "denied by authorization policy");
         }
         allowed
+    }
+
+    /// Slots under the abuse limits (held until the connection ends); `None`, counted, when a
+    /// limit refuses it.
+    pub fn limits(&self) -> Option<Vec<Permit>> {
+        let limits = &self.ctx.limits;
+        if limits.source.is_none() && limits.workload.is_none() {
+            return Some(Vec::new());
+        }
+        let source = (self.principal.clone()).unwrap_or_else(|| self.source_ip.to_string());
+        let workload = format!("{}/{}", self.workload.namespace, self.workload.name);
+        match limits.acquire(&source, &workload) {
+            Ok(permits) => Some(permits),
+            Err(reason) => {
+                self.ctx.metrics.reject(Direction::Inbound, reason);
+                None
+            }
+        }
     }
 
     /// The connection-level decision, before the destination is dialled.

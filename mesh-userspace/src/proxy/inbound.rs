@@ -48,6 +48,10 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     }
     let source_ip = src.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |s| s.ip());
     let guard = Guard::new(ctx.clone(), workload.clone(), dst, None, source_ip);
+    let Some(_permits) = guard.limits() else {
+        reset(&app);
+        return;
+    };
     let admission = guard.admit();
     if let Admission::Refuse = admission {
         ctx.metrics.reject(Direction::Inbound, "policy_denied");

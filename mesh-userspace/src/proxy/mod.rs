@@ -4,7 +4,9 @@
 //! log line, counters and the active gauge.
 
 pub mod authz;
+pub mod egress;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 
 use std::{
@@ -44,11 +46,15 @@ pub struct Context {
     /// Destinations reached through HBONE.
     pub mesh_networks: Vec<Ipv4Cidr>,
     pub egress: Egress,
+    /// Per-workload egress rules (over `egress` for the workloads they select).
+    pub egress_policies: egress::EgressPolicies,
     /// Present when meshd has an identity.
     pub tunnels: Option<Tunnels>,
     pub local_addrs: LocalAddrs,
     /// Which identity must answer at a destination address.
     pub registry: Arc<Registry>,
+    /// Abuse limits per caller identity and per destination workload.
+    pub limits: limits::Limits,
     /// The authorization policy in force (reloaded live).
     pub policy: Arc<crate::policy::reload::Live>,
 }

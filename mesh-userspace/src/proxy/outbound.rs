@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 
 use super::{labels, relay_plaintext, reset, Access, Context, Scope};
 use crate::{
-    config::Egress,
     intercept::Origin,
     metrics::Direction,
     tunnel::{self, pool::TunnelError},
@@ -35,9 +34,14 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     if ctx.in_mesh(*dst.ip()) {
         return through_tunnel(app, origin, &ctx, &scope).await;
     }
-    if ctx.egress == Egress::Deny {
+    let workload = origin.workload.as_deref();
+    let decision = (ctx.egress_policies)
+        .decide(ctx.egress, workload, dst, &app)
+        .await;
+    if let Err(by) = decision {
         ctx.metrics.reject(Direction::Outbound, "egress_denied");
-        tracing::warn!(%dst, "destination outside the mesh and egress is deny: refused");
+        tracing::warn!(%dst, workload = %super::workload_name(workload), by,
+            "destination outside the mesh not allowed by egress policy: reset");
         reset(&app);
         return;
     }

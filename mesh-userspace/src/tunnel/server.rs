@@ -199,6 +199,10 @@ async fn stream_task(
     };
     let principal = Some(crate::policy::principal_of(&who.id));
     let guard = Guard::new(ctx.clone(), workload.clone(), target, principal, peer.ip());
+    let Some(_permits) = guard.limits() else {
+        let _ = answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
+        return;
+    };
     let refused = match guard.admit() {
         Admission::Dial => None,
         Admission::Refuse => {
