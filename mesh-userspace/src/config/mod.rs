@@ -625,6 +625,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../../examples/meshd.yaml");
+        let config: Config = serde_yaml::from_str(text).expect("examples/meshd.yaml");
+        assert_eq!(config.workloads[0].ports[1].protocol(), Protocol::Http);
+        assert_eq!(config.workloads[0].labels["app"], "checkout");
+        crate::proxy::egress::EgressPolicies::new(&config.egress_policies).unwrap();
+        config.limits.per_source.validate().unwrap();
+    }
+
+    #[test]
     fn cidr_contains_its_addresses_only() {
         let c: Ipv4Cidr = "198.18.0.0/15".parse().unwrap();
         assert!(c.contains(Ipv4Addr::new(198, 19, 255, 1)));

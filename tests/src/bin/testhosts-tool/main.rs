@@ -20,6 +20,13 @@
 //!                                        SVID, CONNECT AUTHORITY; print `server-id SPIFFE_ID`
 //!                                        (the server's URI SAN), `status N` and, on 200,
 //!                                        `echo ok` after a round trip; `tls-error ...` on failure
+//! testhosts-tool grpc-server ADDR        HTTP/2 prior knowledge; print `ready ADDR`; answer every
+//!                                        gRPC call (one message) with `PATH:PAYLOAD` and
+//!                                        grpc-status 0
+//! testhosts-tool grpc-client ADDR PATH...
+//!                                        one HTTP/2 connection, one unary call ("hi") per PATH in
+//!                                        turn: print `PATH status=N grpc-status=S body=B` each,
+//!                                        then `connections=1`; exit 1 on a transport failure
 
 use std::{
     io::{Read, Write},
@@ -57,6 +64,8 @@ fn main() {
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
         ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
+        ["grpc-server", addr] => grpc::server(addr),
+        ["grpc-client", addr, paths @ ..] if !paths.is_empty() => grpc::client(addr, paths),
         _ => Err("usage: see the top of testhosts-tool.rs".to_string()),
     };
     if let Err(e) = result {
@@ -250,4 +259,5 @@ fn raw(addr: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+mod grpc;
 mod hbone;

@@ -1,0 +1,219 @@
+//! Authorization policy per gRPC call: `greeter` (a gRPC server on :50051, declared
+//! `protocol: grpc`) on node 1, `client` on node 0, STRICT mTLS. An ALLOW lets the client call
+//! `/greet.Greeter/*`, a DENY takes `/greet.Greeter/Admin` back. On one HTTP/2 connection, Hello
+//! is answered by greeter, Admin is answered by meshd with grpc-status 7 (PERMISSION_DENIED,
+//! HTTP 200, trailers-only) and never reaches greeter, and the next Hello on the same connection
+//! still works.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use testhosts::{require_privileges, sibling_binary, MeshCa, Meshd, Process, TestNet};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
+
+struct PolicyDir(PathBuf);
+
+impl PolicyDir {
+    fn new(net: &TestNet) -> PolicyDir {
+        let dir = std::env::temp_dir().join(format!("{}-policies", net.id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let allow = format!(
+            "{HEAD}metadata: {{name: client-to-greeter, namespace: default}}\nspec:\n  \
+             selector: {{matchLabels: {{app: greeter}}}}\n  action: ALLOW\n  rules:\n  \
+             - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/client\"]}}}}]\n    \
+               to: [{{operation: {{paths: [\"/greet.Greeter/*\"]}}}}]\n"
+        );
+        let deny = format!(
+            "{HEAD}metadata: {{name: no-admin, namespace: default}}\nspec:\n  \
+             selector: {{matchLabels: {{app: greeter}}}}\n  action: DENY\n  \
+             rules: [{{to: [{{operation: {{paths: [\"/greet.Greeter/Admin\"]}}}}]}}]\n"
+        );
+        std::fs::write(dir.join("10-client-to-greeter.yaml"), allow).unwrap();
+        std::fs::write(dir.join("20-no-admin.yaml"), deny).unwrap();
+        PolicyDir(dir)
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn metric_sum(meshd: &Meshd, net: &TestNet, node: usize, needles: &[&str]) -> f64 {
+    let text = meshd.metrics(net, node).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn start(net: &TestNet, ca: &MeshCa, policies: &Path) -> (Meshd, Meshd) {
+    let client = [
+        net.workload_yaml("client", "  ports: []\n").unwrap(),
+        net.workload_yaml("stranger", "  ports: []\n").unwrap(),
+    ]
+    .concat();
+    let client = net
+        .meshd_config_yaml(0, &client, &ca.config(0, "24h", &[]))
+        .unwrap();
+    let greeter = net
+        .workload_yaml(
+            "greeter",
+            "  ports: [{port: 50051, protocol: grpc}]\n  labels: {app: greeter}\n",
+        )
+        .unwrap();
+    let extra = format!(
+        "{}policies: [{}]\n",
+        ca.config(1, "24h", &[]),
+        policies.display()
+    );
+    let server = net.meshd_config_yaml(1, &greeter, &extra).unwrap();
+    let a = net.start_meshd_config(0, "ebpf", &client).unwrap();
+    let b = net.start_meshd_config(1, "ebpf", &server).unwrap();
+    (a, b)
+}
+
+#[test]
+fn grpc_calls_are_decided_one_by_one_on_one_connection() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let dir = PolicyDir::new(&net);
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    let mut greeter = net
+        .workload(1, "greeter", &[&tool, "grpc-server", "0.0.0.0:50051"])
+        .unwrap();
+    greeter.expect_line("ready", WAIT).unwrap();
+    let (mut a, mut b) = start(&net, &ca, &dir.0);
+
+    let target = format!("{}:50051", net.node(1).addr);
+    let (hello, admin) = ("/greet.Greeter/Hello", "/greet.Greeter/Admin");
+    let mut client = net
+        .workload(
+            0,
+            "client",
+            &[&tool, "grpc-client", &target, hello, admin, hello],
+        )
+        .unwrap();
+    let (status, out) = client.wait_output(WAIT).unwrap();
+    let logs = |a: &mut Meshd, b: &mut Meshd, greeter: &mut Process| {
+        format!(
+            "client meshd:\n{}\ngreeter meshd:\n{}\ngreeter:\n{}",
+            a.process.output_so_far().join("\n"),
+            b.process.output_so_far().join("\n"),
+            greeter.output_so_far().join("\n")
+        )
+    };
+    assert!(
+        status.success(),
+        "grpc-client failed ({status}):\n{out}\n{}",
+        logs(&mut a, &mut b, &mut greeter)
+    );
+    let expected = [
+        format!("{hello} status=200 grpc-status=0 body={hello}:hi"),
+        format!("{admin} status=200 grpc-status=7 body=-"),
+        format!("{hello} status=200 grpc-status=0 body={hello}:hi"),
+        "connections=1".to_string(),
+    ];
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        expected,
+        "{}",
+        logs(&mut a, &mut b, &mut greeter)
+    );
+
+    // greeter saw the two Hellos on one connection, and never the Admin call (it would have
+    // come between them).
+    for _ in 0..2 {
+        greeter.expect_line(&format!("call {hello}"), WAIT).unwrap();
+    }
+    let seen = greeter.output_so_far();
+    let count = |prefix: &str| seen.iter().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(count("accepted "), 1, "{seen:?}");
+    assert_eq!(count(&format!("call {hello}")), 2, "{seen:?}");
+    assert_eq!(count(&format!("call {admin}")), 0, "{seen:?}");
+
+    // The denial is counted at the gRPC layer, against the DENY policy.
+    let grpc_denials = metric_sum(
+        &b,
+        &net,
+        1,
+        &[
+            "meshd_policy_decisions_total",
+            "decision=\"deny\"",
+            "layer=\"grpc\"",
+        ],
+    );
+    assert_eq!(grpc_denials, 1.0, "{}", b.metrics(&net, 1).unwrap());
+    let by_policy = metric_sum(
+        &b,
+        &net,
+        1,
+        &[
+            "meshd_policy_decisions_total",
+            "decision=\"deny\"",
+            "layer=\"grpc\"",
+            "policy=\"default/no-admin\"",
+            "reason=\"denied_by_policy\"",
+        ],
+    );
+    assert_eq!(by_policy, 1.0, "{}", b.metrics(&net, 1).unwrap());
+    let grpc_allowed = metric_sum(
+        &b,
+        &net,
+        1,
+        &[
+            "meshd_policy_decisions_total",
+            "decision=\"allow\"",
+            "layer=\"grpc\"",
+        ],
+    );
+    assert_eq!(grpc_allowed, 2.0, "{}", b.metrics(&net, 1).unwrap());
+
+    // A caller no ALLOW rule names is refused at the connection, before greeter is dialled;
+    // its calls are answered as denied calls are.
+    let mut stranger = net
+        .workload(0, "stranger", &[&tool, "grpc-client", &target, hello])
+        .unwrap();
+    let (status, out) = stranger.wait_output(WAIT).unwrap();
+    assert!(
+        status.success(),
+        "grpc-client failed ({status}):\n{out}\n{}",
+        logs(&mut a, &mut b, &mut greeter)
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("{hello} status=200 grpc-status=7 body=-").as_str(),
+            "connections=1"
+        ],
+        "{}",
+        logs(&mut a, &mut b, &mut greeter)
+    );
+    let refused = metric_sum(
+        &b,
+        &net,
+        1,
+        &[
+            "meshd_policy_decisions_total",
+            "decision=\"deny\"",
+            "layer=\"grpc\"",
+            "reason=\"no_allow_match\"",
+        ],
+    );
+    assert_eq!(refused, 1.0, "{}", b.metrics(&net, 1).unwrap());
+    assert_eq!(
+        greeter
+            .output_so_far()
+            .iter()
+            .filter(|l| l.starts_with("accepted "))
+            .count(),
+        1
+    );
+}
