@@ -2,7 +2,7 @@
 //! node 0, `db` (HTTP on :8080, declared `protocol: http`) on node 1, STRICT mTLS, default
 //! deny. www may GET and POST db, auth may not (it dials db's address directly: there is no
 //! other way in), a DENY beats the ALLOW, AUDIT logs and allows; then live reload: a broken file
-//! leaves the old policy in force, and removing the ALLOW closes the open connection it covered.
+//! leaves the old policy in force, and removing the ALLOW closes the open connection it covered; SIGHUP reloads too.
 
 use std::{
     path::{Path, PathBuf},
@@ -279,4 +279,12 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         b.process.output_so_far().join("\n")
     );
     assert_eq!(curl(&net, "www", &[&url("/after")]).trim(), denied);
+
+    // SIGHUP reloads too (and does not stop meshd).
+    put(&dir.0, "10-www-to-db.yaml", &www_to_db("www"));
+    b.process.expect_line_containing("authorization policy reloaded", WAIT).unwrap();
+    b.process.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    b.process.expect_line_containing("SIGHUP: reloading", WAIT).unwrap();
+    b.process.expect_line_containing("authorization policy reloaded", WAIT).unwrap();
+    assert_eq!(curl(&net, "www", &[&url("/hup")]).trim(), "db GET /hup 0 [200]");
 }
