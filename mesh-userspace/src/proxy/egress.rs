@@ -313,7 +313,7 @@ mod tests {
         let name = host.as_bytes();
         let mut sni = vec![0u8, 0];
         let list_len = (name.len() + 3) as u16;
-        sni.extend(((list_len + 2) as u16).to_be_bytes());
+        sni.extend((list_len + 2).to_be_bytes());
         sni.extend(list_len.to_be_bytes());
         sni.push(0);
         sni.extend((name.len() as u16).to_be_bytes());
