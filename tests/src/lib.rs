@@ -14,6 +14,7 @@ pub mod handpods;
 mod mesh;
 mod net;
 pub mod podman;
+pub mod policy;
 mod process;
 
 pub use capture::Capture;

@@ -4,12 +4,12 @@
 //! other way in), a DENY beats the ALLOW, AUDIT logs and allows; then live reload: a broken file
 //! leaves the old policy in force, and removing the ALLOW closes the open connection it covered; SIGHUP reloads too.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use testhosts::{require_privileges, MeshCa, Meshd, TestNet};
+use testhosts::{
+    policy::{start_policy_mesh, PolicyDir, POLICY_HEAD as HEAD},
+    require_privileges, MeshCa, TestNet,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -54,8 +54,6 @@ except OSError as e:
 print("closed %.3f %r" % (time.time(), data[:40]), flush=True)
 "#;
 
-const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
-
 fn www_to_db(principal: &str) -> String {
     format!(
         "{HEAD}metadata: {{name: www-to-db, namespace: default}}\nspec:\n  \
@@ -65,39 +63,21 @@ fn www_to_db(principal: &str) -> String {
     )
 }
 
-/// Writes `name` in `dir` as editors and ConfigMaps do: a new file renamed over the old.
-fn put(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
-struct PolicyDir(PathBuf);
-
-impl PolicyDir {
-    fn new(net: &TestNet) -> PolicyDir {
-        let dir = std::env::temp_dir().join(format!("{}-policies", net.id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        put(
-            &dir,
-            "00-default-deny.yaml",
-            &format!("{HEAD}metadata: {{name: allow-nothing, namespace: default}}\nspec: {{}}\n"),
-        );
-        put(&dir, "10-www-to-db.yaml", &www_to_db("www"));
-        put(&dir, "20-no-admin.yaml", &format!(
+/// The policies: default deny, www may GET and POST db, no one reaches /admin/, POSTs audited.
+fn policies(net: &TestNet) -> PolicyDir {
+    let dir = PolicyDir::new(net).unwrap();
+    dir.put(
+        "00-default-deny.yaml",
+        &format!("{HEAD}metadata: {{name: allow-nothing, namespace: default}}\nspec: {{}}\n"),
+    );
+    dir.put("10-www-to-db.yaml", &www_to_db("www"));
+    dir.put("20-no-admin.yaml", &format!(
             "{HEAD}metadata: {{name: no-admin, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  \
              action: DENY\n  rules: [{{to: [{{operation: {{paths: [\"/admin/*\"]}}}}]}}]\n"));
-        put(&dir, "30-audit-posts.yaml", &format!(
+    dir.put("30-audit-posts.yaml", &format!(
             "{HEAD}metadata: {{name: audit-posts, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  \
              action: AUDIT\n  rules: [{{to: [{{operation: {{methods: [POST]}}}}]}}]\n"));
-        PolicyDir(dir)
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    dir
 }
 
 /// `curl` from `workload` on node 0: the status code and body of each request.
@@ -109,51 +89,19 @@ fn curl(net: &TestNet, workload: &str, args: &[&str]) -> String {
     out
 }
 
-fn metric_sum(meshd: &Meshd, net: &TestNet, node: usize, needles: &[&str]) -> f64 {
-    let text = meshd.metrics(net, node).unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn start(net: &TestNet, ca: &MeshCa, policies: &Path) -> (Meshd, Meshd) {
-    let clients = [
-        net.workload_yaml("www", "  ports: []\n").unwrap(),
-        net.workload_yaml("auth", "  ports: []\n").unwrap(),
-    ]
-    .concat();
-    let client = net
-        .meshd_config_yaml(0, &clients, &ca.config(0, "24h", &[]))
-        .unwrap();
-    let db = net
-        .workload_yaml(
-            "db",
-            "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n",
-        )
-        .unwrap();
-    let extra = format!(
-        "{}policies: [{}]\n",
-        ca.config(1, "24h", &[]),
-        policies.display()
-    );
-    let server = net.meshd_config_yaml(1, &db, &extra).unwrap();
-    let a = net.start_meshd_config(0, "ebpf", &client).unwrap();
-    let b = net.start_meshd_config(1, "ebpf", &server).unwrap();
-    (a, b)
-}
-
 #[test]
 fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     require_privileges!();
     let net = TestNet::new(2).unwrap();
     let ca = MeshCa::new(&net).unwrap();
-    let dir = PolicyDir::new(&net);
+    let dir = policies(&net);
     let mut db = net
         .workload(1, "db", &["python3", "-c", DB_SERVER])
         .unwrap();
     db.expect_line("ready", WAIT).unwrap();
-    let (_a, mut b) = start(&net, &ca, &dir.0);
+    let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
+    let (_a, mut b) =
+        start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir).unwrap();
     let url = |path: &str| format!("http://{}:8080{path}", net.node(1).addr);
 
     // The method/path matrix, as the article and the policies above have it.
@@ -207,8 +155,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         .iter()
         .any(|l| l.contains("AUDIT") && l.contains("default/audit-posts")));
     let denied_by = |policy: &str, reason: &str| {
-        metric_sum(
-            &b,
+        b.metric_sum(
             &net,
             1,
             &[
@@ -233,7 +180,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         "{log}"
     );
     assert_eq!(
-        metric_sum(&b, &net, 1, &["meshd_policy_last_reload_failed"]),
+        b.metric_sum(&net, 1, &["meshd_policy_last_reload_failed"]),
         1.0
     );
     assert_eq!(
@@ -244,7 +191,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
 
     // The good file back, then an open keep-alive connection of www's; removing its ALLOW
     // closes it within a second.
-    put(&dir.0, "10-www-to-db.yaml", &www_to_db("www"));
+    dir.put("10-www-to-db.yaml", &www_to_db("www"));
     b.process
         .expect_line_containing("authorization policy reloaded", WAIT)
         .unwrap();
@@ -260,7 +207,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         .unwrap()
         .as_secs_f64();
     let started = Instant::now();
-    put(&dir.0, "10-www-to-db.yaml", &www_to_db("someone-else"));
+    dir.put("10-www-to-db.yaml", &www_to_db("someone-else"));
     let closed = held
         .expect_line_containing("closed", Duration::from_secs(5))
         .unwrap();
@@ -273,7 +220,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     );
     let revoked = &["meshd_policy_decisions_total", "reason=\"revoked\""];
     assert!(
-        metric_sum(&b, &net, 1, revoked) >= 1.0,
+        b.metric_sum(&net, 1, revoked) >= 1.0,
         "{}\n{}",
         b.metrics(&net, 1).unwrap(),
         b.process.output_so_far().join("\n")
@@ -281,10 +228,19 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     assert_eq!(curl(&net, "www", &[&url("/after")]).trim(), denied);
 
     // SIGHUP reloads too (and does not stop meshd).
-    put(&dir.0, "10-www-to-db.yaml", &www_to_db("www"));
-    b.process.expect_line_containing("authorization policy reloaded", WAIT).unwrap();
+    dir.put("10-www-to-db.yaml", &www_to_db("www"));
+    b.process
+        .expect_line_containing("authorization policy reloaded", WAIT)
+        .unwrap();
     b.process.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    b.process.expect_line_containing("SIGHUP: reloading", WAIT).unwrap();
-    b.process.expect_line_containing("authorization policy reloaded", WAIT).unwrap();
-    assert_eq!(curl(&net, "www", &[&url("/hup")]).trim(), "db GET /hup 0 [200]");
+    b.process
+        .expect_line_containing("SIGHUP: reloading", WAIT)
+        .unwrap();
+    b.process
+        .expect_line_containing("authorization policy reloaded", WAIT)
+        .unwrap();
+    assert_eq!(
+        curl(&net, "www", &[&url("/hup")]).trim(),
+        "db GET /hup 0 [200]"
+    );
 }

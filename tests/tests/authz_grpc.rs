@@ -5,78 +5,32 @@
 //! HTTP 200, trailers-only) and never reaches greeter, and the next Hello on the same connection
 //! still works.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
 
-use testhosts::{require_privileges, sibling_binary, MeshCa, Meshd, Process, TestNet};
+use testhosts::{
+    policy::{start_policy_mesh, PolicyDir, POLICY_HEAD as HEAD},
+    require_privileges, sibling_binary, MeshCa, Meshd, Process, TestNet,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
-
-struct PolicyDir(PathBuf);
-
-impl PolicyDir {
-    fn new(net: &TestNet) -> PolicyDir {
-        let dir = std::env::temp_dir().join(format!("{}-policies", net.id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let allow = format!(
-            "{HEAD}metadata: {{name: client-to-greeter, namespace: default}}\nspec:\n  \
-             selector: {{matchLabels: {{app: greeter}}}}\n  action: ALLOW\n  rules:\n  \
-             - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/client\"]}}}}]\n    \
-               to: [{{operation: {{paths: [\"/greet.Greeter/*\"]}}}}]\n"
-        );
-        let deny = format!(
-            "{HEAD}metadata: {{name: no-admin, namespace: default}}\nspec:\n  \
-             selector: {{matchLabels: {{app: greeter}}}}\n  action: DENY\n  \
-             rules: [{{to: [{{operation: {{paths: [\"/greet.Greeter/Admin\"]}}}}]}}]\n"
-        );
-        std::fs::write(dir.join("10-client-to-greeter.yaml"), allow).unwrap();
-        std::fs::write(dir.join("20-no-admin.yaml"), deny).unwrap();
-        PolicyDir(dir)
-    }
-}
-
-impl Drop for PolicyDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn metric_sum(meshd: &Meshd, net: &TestNet, node: usize, needles: &[&str]) -> f64 {
-    let text = meshd.metrics(net, node).unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn start(net: &TestNet, ca: &MeshCa, policies: &Path) -> (Meshd, Meshd) {
-    let client = [
-        net.workload_yaml("client", "  ports: []\n").unwrap(),
-        net.workload_yaml("stranger", "  ports: []\n").unwrap(),
-    ]
-    .concat();
-    let client = net
-        .meshd_config_yaml(0, &client, &ca.config(0, "24h", &[]))
-        .unwrap();
-    let greeter = net
-        .workload_yaml(
-            "greeter",
-            "  ports: [{port: 50051, protocol: grpc}]\n  labels: {app: greeter}\n",
-        )
-        .unwrap();
-    let extra = format!(
-        "{}policies: [{}]\n",
-        ca.config(1, "24h", &[]),
-        policies.display()
+/// The policies: the client may call /greet.Greeter/*, a DENY takes Admin back.
+fn policies(net: &TestNet) -> PolicyDir {
+    let dir = PolicyDir::new(net).unwrap();
+    let allow = format!(
+        "{HEAD}metadata: {{name: client-to-greeter, namespace: default}}\nspec:\n  \
+         selector: {{matchLabels: {{app: greeter}}}}\n  action: ALLOW\n  rules:\n  \
+         - from: [{{source: {{principals: [\"cluster.local/ns/default/sa/client\"]}}}}]\n    \
+           to: [{{operation: {{paths: [\"/greet.Greeter/*\"]}}}}]\n"
     );
-    let server = net.meshd_config_yaml(1, &greeter, &extra).unwrap();
-    let a = net.start_meshd_config(0, "ebpf", &client).unwrap();
-    let b = net.start_meshd_config(1, "ebpf", &server).unwrap();
-    (a, b)
+    let deny = format!(
+        "{HEAD}metadata: {{name: no-admin, namespace: default}}\nspec:\n  \
+         selector: {{matchLabels: {{app: greeter}}}}\n  action: DENY\n  \
+         rules: [{{to: [{{operation: {{paths: [\"/greet.Greeter/Admin\"]}}}}]}}]\n"
+    );
+    dir.put("10-client-to-greeter.yaml", &allow);
+    dir.put("20-no-admin.yaml", &deny);
+    dir
 }
 
 #[test]
@@ -84,13 +38,21 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
     require_privileges!();
     let net = TestNet::new(2).unwrap();
     let ca = MeshCa::new(&net).unwrap();
-    let dir = PolicyDir::new(&net);
+    let dir = policies(&net);
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let mut greeter = net
         .workload(1, "greeter", &[&tool, "grpc-server", "0.0.0.0:50051"])
         .unwrap();
     greeter.expect_line("ready", WAIT).unwrap();
-    let (mut a, mut b) = start(&net, &ca, &dir.0);
+    let greeter_ports = "  ports: [{port: 50051, protocol: grpc}]\n  labels: {app: greeter}\n";
+    let (mut a, mut b) = start_policy_mesh(
+        &net,
+        &ca,
+        &["client", "stranger"],
+        ("greeter", greeter_ports),
+        &dir,
+    )
+    .unwrap();
 
     let target = format!("{}:50051", net.node(1).addr);
     let (hello, admin) = ("/greet.Greeter/Hello", "/greet.Greeter/Admin");
@@ -140,8 +102,7 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
     assert_eq!(count(&format!("call {admin}")), 0, "{seen:?}");
 
     // The denial is counted at the gRPC layer, against the DENY policy.
-    let grpc_denials = metric_sum(
-        &b,
+    let grpc_denials = b.metric_sum(
         &net,
         1,
         &[
@@ -151,8 +112,7 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         ],
     );
     assert_eq!(grpc_denials, 1.0, "{}", b.metrics(&net, 1).unwrap());
-    let by_policy = metric_sum(
-        &b,
+    let by_policy = b.metric_sum(
         &net,
         1,
         &[
@@ -164,8 +124,7 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         ],
     );
     assert_eq!(by_policy, 1.0, "{}", b.metrics(&net, 1).unwrap());
-    let grpc_allowed = metric_sum(
-        &b,
+    let grpc_allowed = b.metric_sum(
         &net,
         1,
         &[
@@ -196,8 +155,7 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         "{}",
         logs(&mut a, &mut b, &mut greeter)
     );
-    let refused = metric_sum(
-        &b,
+    let refused = b.metric_sum(
         &net,
         1,
         &[

@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use testhosts::{
-    require_privileges, sibling_binary, start_checkout_orders_with, MeshCa, Meshd, TestNet,
-};
+use testhosts::{require_privileges, sibling_binary, start_checkout_orders_with, MeshCa, TestNet};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -16,14 +14,6 @@ fn run(net: &TestNet, workload: &str, argv: &[&str]) -> (bool, String) {
     let mut p = net.workload(0, workload, argv).unwrap();
     let (status, out) = p.wait_output(WAIT).unwrap();
     (status.success(), out)
-}
-
-fn counter(meshd: &Meshd, net: &TestNet, node: usize, series: &str) -> f64 {
-    let text = meshd.metrics(net, node).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// An HTTP server on node 1 (outside any mesh) answering `outside`.
@@ -108,7 +98,7 @@ fn egress_policy_allows_listed_destinations_only() {
         assert!(!ok && !out.contains("outside"), "{host} reached: {out}");
     }
     let denied = r#"meshd_connections_rejected_total{direction="outbound",reason="egress_denied"}"#;
-    assert!(counter(&meshd, &net, 0, denied) >= 4.0);
+    assert!(meshd.metric_sum(&net, 0, &[denied]) >= 4.0);
 }
 
 /// Holds connections to the echo workload: three at once, then a fourth after closing one.
@@ -153,5 +143,5 @@ fn a_caller_over_its_connection_limit_is_refused_then_served_again() {
     );
     let refused =
         r#"meshd_connections_rejected_total{direction="inbound",reason="source_connection_limit"}"#;
-    assert_eq!(counter(&b, &net, 1, refused), 1.0);
+    assert_eq!(b.metric_sum(&net, 1, &[refused]), 1.0);
 }

@@ -1,0 +1,73 @@
+//! Authorization policy in tests: a policy directory of a test net (removed on drop), the
+//! two-node client/server mesh with the server's policies, and metric sums.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::{MeshCa, Meshd, TestNet};
+
+/// The head of every AuthorizationPolicy document.
+pub const POLICY_HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
+
+/// A directory of policy files for one test net.
+pub struct PolicyDir(pub PathBuf);
+
+impl PolicyDir {
+    pub fn new(net: &TestNet) -> Result<PolicyDir> {
+        let dir = std::env::temp_dir().join(format!("{}-policies", net.id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(PolicyDir(dir))
+    }
+
+    /// Writes `name` as editors and ConfigMaps do: a new file renamed over the old.
+    pub fn put(&self, name: &str, text: &str) {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.0.join(name)).unwrap();
+    }
+}
+
+impl Drop for PolicyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// meshd on node 0 for the client workloads `clients` (no ports), and on node 1 for the
+/// workload `server` (`body`: its ports and labels) under the policies of `dir`; both in ebpf
+/// mode with SVIDs of `ca`.
+pub fn start_policy_mesh(
+    net: &TestNet,
+    ca: &MeshCa,
+    clients: &[&str],
+    server: (&str, &str),
+    dir: &PolicyDir,
+) -> Result<(Meshd, Meshd)> {
+    let mut entries = String::new();
+    for name in clients {
+        entries.push_str(&net.workload_yaml(name, "  ports: []\n")?);
+    }
+    let client = net.meshd_config_yaml(0, &entries, &ca.config(0, "24h", &[]))?;
+    let workload = net.workload_yaml(server.0, server.1)?;
+    let extra = format!(
+        "{}policies: [{}]\n",
+        ca.config(1, "24h", &[]),
+        dir.0.display()
+    );
+    let config = net.meshd_config_yaml(1, &workload, &extra)?;
+    let a = net.start_meshd_config(0, "ebpf", &client)?;
+    let b = net.start_meshd_config(1, "ebpf", &config)?;
+    Ok((a, b))
+}
+
+impl Meshd {
+    /// The sum of meshd's metric samples whose line contains every one of `needles`.
+    pub fn metric_sum(&self, net: &TestNet, node: usize, needles: &[&str]) -> f64 {
+        let text = self.metrics(net, node).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
