@@ -99,36 +99,7 @@ pub enum PolicyCommand {
     },
     /// Print the decision for one connection or request, the policies that apply and the policy
     /// and rule that decided.
-    Explain {
-        /// Policy files or directories (default: the configuration's `policies`).
-        #[arg(long = "policy")]
-        policies: Vec<PathBuf>,
-        /// meshd's configuration: workloads (namespace, labels, port protocols) and policies.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The caller's SPIFFE ID (spiffe://td/ns/X/sa/Y) or principal; omit for plaintext.
-        #[arg(long)]
-        from: Option<String>,
-        /// The caller's address.
-        #[arg(long, default_value = "10.0.0.1")]
-        source_ip: std::net::IpAddr,
-        /// The destination: a workload of --config by NAME, or NAMESPACE/NAME.
-        #[arg(long)]
-        to: String,
-        /// Extra workload label KEY=VALUE (repeatable).
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        #[arg(long)]
-        port: u16,
-        /// HTTP method (with --path/--header: a request; without: a TCP connection).
-        #[arg(long)]
-        method: Option<String>,
-        #[arg(long)]
-        path: Option<String>,
-        /// Request header NAME=VALUE (repeatable).
-        #[arg(long = "header")]
-        headers: Vec<String>,
-    },
+    Explain(crate::policy::explain::Question),
 }
 
 /// Runs `meshd policy ...`.
@@ -136,29 +107,7 @@ pub fn policy(command: PolicyCommand) -> Result<()> {
     use crate::policy::explain;
     match command {
         PolicyCommand::Check { paths } => explain::check(&paths),
-        PolicyCommand::Explain {
-            policies,
-            config,
-            from,
-            source_ip,
-            to,
-            labels,
-            port,
-            method,
-            path,
-            headers,
-        } => explain::explain(&explain::Question {
-            policies,
-            config,
-            from,
-            source_ip,
-            to,
-            labels,
-            port,
-            method,
-            path,
-            headers,
-        }),
+        PolicyCommand::Explain(question) => explain::explain(&question),
     }
 }
 

@@ -25,20 +25,37 @@ pub fn check(paths: &[PathBuf]) -> Result<()> {
 }
 
 /// What `meshd policy explain` is asked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Question {
-    /// Policy files or directories; default: the configuration's `policies`.
+    /// Policy files or directories (default: the configuration's `policies`).
+    #[arg(long = "policy")]
     pub policies: Vec<PathBuf>,
+    /// meshd's configuration: workloads (namespace, labels, port protocols) and policies.
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// SPIFFE ID or principal of the caller; `None` for plaintext.
+    /// The caller's SPIFFE ID (spiffe://td/ns/X/sa/Y) or principal; omit for plaintext.
+    #[arg(long)]
     pub from: Option<String>,
+    /// The caller's address.
+    #[arg(long, default_value = "10.0.0.1")]
     pub source_ip: IpAddr,
-    /// `NAME` (a workload of the configuration) or `NAMESPACE/NAME`.
+    /// The destination: a workload of --config by NAME, or NAMESPACE/NAME.
+    #[arg(long)]
     pub to: String,
+    /// Extra workload label KEY=VALUE (repeatable).
+    #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// The destination port.
+    #[arg(long)]
     pub port: u16,
+    /// HTTP method (with --path/--header: a request; without them: a TCP connection).
+    #[arg(long)]
     pub method: Option<String>,
+    /// Request path (a query string is accepted; rules see the path without it).
+    #[arg(long)]
     pub path: Option<String>,
+    /// Request header NAME=VALUE (repeatable).
+    #[arg(long = "header")]
     pub headers: Vec<String>,
 }
 
