@@ -145,8 +145,9 @@ impl Decision {
 struct Namespace {
     /// No selector: every workload of the namespace.
     all: Vec<Arc<Policy>>,
-    /// By one label of their selector (the first); the rest is checked on lookup.
-    by_label: HashMap<(String, String), Vec<Arc<Policy>>>,
+    /// By one label of their selector (the first: key, then value); the rest is checked on
+    /// lookup.
+    by_label: HashMap<String, HashMap<String, Vec<Arc<Policy>>>>,
 }
 
 /// Every policy in force, indexed.
@@ -166,7 +167,9 @@ impl PolicySet {
             let ns = set.namespaces.entry(p.namespace.clone()).or_default();
             let first = p.selector.as_ref().and_then(|s| s.iter().next());
             match first.map(|(k, v)| (k.clone(), v.clone())) {
-                Some(key) => ns.by_label.entry(key).or_default().push(Arc::new(p)),
+                Some((k, v)) => {
+                    (ns.by_label.entry(k).or_default().entry(v).or_default()).push(Arc::new(p))
+                }
                 None => ns.all.push(Arc::new(p)),
             }
         }
@@ -184,14 +187,12 @@ impl PolicySet {
     /// The policies that apply to `target`, mesh-wide first, each in file order.
     pub fn applicable(&self, target: &Target) -> Vec<&Arc<Policy>> {
         let mut out = Vec::new();
-        let mut scopes = vec![ROOT_NAMESPACE];
-        if target.namespace != ROOT_NAMESPACE {
-            scopes.push(target.namespace);
-        }
-        for ns in scopes.into_iter().filter_map(|n| self.namespaces.get(n)) {
+        let own = (target.namespace != ROOT_NAMESPACE).then_some(target.namespace);
+        let scopes = std::iter::once(ROOT_NAMESPACE).chain(own);
+        for ns in scopes.filter_map(|n| self.namespaces.get(n)) {
             out.extend(ns.all.iter());
             for (k, v) in target.labels {
-                if let Some(list) = ns.by_label.get(&(k.clone(), v.clone())) {
+                if let Some(list) = ns.by_label.get(k).and_then(|values| values.get(v)) {
                     out.extend(list.iter().filter(|p| p.selects(target)));
                 }
             }

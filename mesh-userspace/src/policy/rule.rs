@@ -142,12 +142,13 @@ impl Operation {
         let Some(http) = a.http else {
             return Tri::Unknown;
         };
-        let host = http.host.map(str::to_ascii_lowercase);
-        let bare = host.as_deref().map(strip_port);
-        let host_ok = self.hosts.is_empty()
-            || self.hosts.check(|p| {
+        let host_ok = self.hosts.is_empty() || {
+            let host = http.host.map(str::to_ascii_lowercase);
+            let bare = host.as_deref().map(strip_port);
+            self.hosts.check(|p| {
                 host.as_deref().is_some_and(|h| p.matches(h)) || bare.is_some_and(|h| p.matches(h))
-            });
+            })
+        };
         Tri::from_bool(
             host_ok
                 && self.methods.matches(Some(http.method))

@@ -26,6 +26,9 @@ pub enum PathKind {
     MeshdEbpf,
     /// meshd in ebpf mode with the sk_msg loopback bypass.
     MeshdEbpfSkMsg,
+    /// meshd-ebpf with nginx's ports declared `http` and `grpc` and an AuthorizationPolicy
+    /// deciding every request (default deny, GET allowed for the client, a DENY on a path).
+    MeshdEbpfL7,
     Stunnel,
     Haproxy,
     /// Pod to pod, no proxy.
@@ -38,11 +41,12 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 11] = [
+    pub const ALL: [PathKind; 12] = [
         PathKind::Direct,
         PathKind::MeshdIptables,
         PathKind::MeshdEbpf,
         PathKind::MeshdEbpfSkMsg,
+        PathKind::MeshdEbpfL7,
         PathKind::Stunnel,
         PathKind::Haproxy,
         PathKind::DirectPods,
@@ -108,6 +112,7 @@ impl PathKind {
             PathKind::MeshdIptables => "meshd-iptables",
             PathKind::MeshdEbpf => "meshd-ebpf",
             PathKind::MeshdEbpfSkMsg => "meshd-ebpf-skmsg",
+            PathKind::MeshdEbpfL7 => "meshd-ebpf-l7",
             PathKind::Stunnel => "stunnel4-pair",
             PathKind::Haproxy => "haproxy-pair",
             PathKind::DirectPods => "direct-pods",
@@ -237,6 +242,19 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path, pods: &Pods) -
                 &(bypass + &ca.config(1, "24h", &[])),
             )?);
         }
+        PathKind::MeshdEbpfL7 => {
+            let client = [WorkloadSpec {
+                name: "client",
+                ports: &[],
+            }];
+            running.meshd.push(net.start_meshd_with(
+                0,
+                "ebpf",
+                &client,
+                &ca.config(0, "24h", &[]),
+            )?);
+            running.meshd.push(l7_server(net, ca, dir)?);
+        }
         PathKind::Stunnel => {
             let root = peer_certs(ca, dir)?;
             running.processes.push(stunnel(net, 1, dir, &root, false)?);
@@ -251,6 +269,35 @@ pub fn up(kind: PathKind, net: &TestNet, ca: &MeshCa, dir: &Path, pods: &Pods) -
         }
     }
     Ok(running)
+}
+
+/// The policy of the `meshd-ebpf-l7` path: nothing is allowed but the client's GETs, and a
+/// DENY that every request is checked against.
+const L7_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+metadata: {name: allow-nothing, namespace: default}\nspec: {}\n---\n\
+apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+metadata: {name: client-reads, namespace: default}\nspec:\n  selector: {matchLabels: {app: nginx}}\n  \
+rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]\n    \
+to: [{operation: {methods: [GET], paths: [\"/*\"]}}]\n---\n\
+apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+metadata: {name: no-admin, namespace: default}\nspec:\n  selector: {matchLabels: {app: nginx}}\n  \
+action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]\n";
+
+/// meshd on the server node with nginx's ports under per-request policy.
+fn l7_server(net: &TestNet, ca: &MeshCa, dir: &Path) -> Result<Meshd> {
+    let policy = dir.join("l7-policy.yaml");
+    std::fs::write(&policy, L7_POLICY)?;
+    let ports = format!(
+        "  ports: [{{port: {NGINX_PORT}, protocol: http}}, {{port: {NGINX_H2_PORT}, protocol: grpc}}]\n  labels: {{app: nginx}}\n"
+    );
+    let nginx = net.workload_yaml("nginx", &ports)?;
+    let extra = format!(
+        "{}policies: [{}]\n",
+        ca.config(1, "24h", &[]),
+        policy.display()
+    );
+    let config = net.meshd_config_yaml(1, &nginx, &extra)?;
+    net.start_meshd_config(1, "ebpf", &config)
 }
 
 /// Sends the client node's connections to nginx into a local proxy port.

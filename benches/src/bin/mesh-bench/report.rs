@@ -211,6 +211,7 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
         );
     }
     pods_per_node(&mut t, records);
+    l7_cost(&mut t, records);
     let samples: Vec<String> = rss
         .samples
         .iter()
@@ -235,6 +236,25 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
         );
     }
     t
+}
+
+/// What per-request policy costs: meshd-ebpf-l7 against meshd-ebpf, the same path without it.
+fn l7_cost(t: &mut String, records: &[Record]) {
+    let mut parts = Vec::new();
+    for scenario in scenario_names() {
+        let rps = |path| reduce(records, path, scenario, "rps").and_then(|r| f(r.median, "rps"));
+        if let (Some(l7), Some(base)) = (rps("meshd-ebpf-l7"), rps("meshd-ebpf")) {
+            parts.push(format!("{scenario} {:.2}x", l7 / base));
+        }
+    }
+    if !parts.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nL7 policy on (meshd-ebpf-l7: every request decided by AuthorizationPolicy) vs \
+             meshd-ebpf, rps: {}.",
+            parts.join(", ")
+        );
+    }
 }
 
 /// Keep-alive through meshd-ebpf with 1, 10 and 100 pods served on each node.
