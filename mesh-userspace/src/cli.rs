@@ -25,8 +25,23 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub assume_missing: Vec<String>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +57,8 @@ pub enum Command {
     },
     /// Probe the kernel capabilities each mode needs and say which mode `auto` would pick.
     Doctor,
+    /// Print meshd's version.
+    Version,
     /// Remove every program, link, pinned object and rule meshd made (after a crash).
     Cleanup {
         /// The pin directory meshd used (`proxy.pin_dir`); default `<bpffs>/meshd`.
@@ -73,15 +90,18 @@ pub enum Command {
     },
     /// Remove what `install-cni` added (the conflist entry and the plugin binary), nothing else.
     UninstallCni {
+        /// The CNI configuration directory holding the node's conflist.
         #[arg(long, default_value = "/etc/cni/net.d")]
         conf_dir: PathBuf,
+        /// The CNI plugin binary directory.
         #[arg(long, default_value = "/opt/cni/bin")]
         bin_dir: PathBuf,
     },
     /// Show the iptables rule set a configuration produces.
     Iptables {
-        /// Print the rules instead of applying them (the only action for now).
-        #[arg(long, required = true)]
+        /// Print the rules instead of applying them (`meshd run` applies them; printing is
+        /// the only action of this command).
+        #[arg(long)]
         dry_run: bool,
         /// Configuration file (YAML).
         #[arg(long)]
@@ -94,6 +114,7 @@ pub enum PolicyCommand {
     /// Validate policy files or directories as `meshd run` would load them; errors name file,
     /// line and field.
     Check {
+        /// Policy files or directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -115,14 +136,18 @@ pub fn policy(command: PolicyCommand) -> Result<()> {
 pub enum CaCommand {
     /// Create a root CA (ECDSA P-256) in DIR; refuses to overwrite one.
     Init {
+        /// Directory for root.crt and root.key (created; an existing root is never replaced).
         #[arg(long)]
         dir: PathBuf,
+        /// The trust domain of the SPIFFE IDs this root vouches for.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
     /// Create a node intermediate signed by the root in DIR: DIR/NODE.crt and DIR/NODE.key.
     IssueNode {
+        /// The node's name (its HBONE identity is .../ns/meshd-system/sa/NODE).
         node: String,
+        /// The directory holding the root (`ca init --dir`); NODE.crt and NODE.key go there.
         #[arg(long)]
         dir: PathBuf,
         /// Lifetime, e.g. 720h.
@@ -240,9 +265,40 @@ pub fn uninstall_cni(conf_dir: &Path, bin_dir: &Path) -> Result<()> {
 }
 
 /// `meshd iptables --dry-run`: the `iptables-restore` input for this configuration.
-pub fn iptables_dry_run(config: &std::path::Path) -> Result<()> {
+pub fn iptables_dry_run(config: &std::path::Path, dry_run: bool) -> Result<()> {
+    if !dry_run {
+        bail!("meshd iptables only prints the rules a configuration produces (--dry-run); `meshd run --mode=iptables` installs them");
+    }
     let cgroup_root = crate::sys::ensure_cgroup2()?;
     let cfg = crate::config::load(config, &cgroup_root)?;
     print!("{}", crate::intercept::iptables::rule_spec(&cfg).render());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every flag says what it is for in `--help`.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && path != " meshd" {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = ["help", "version"].contains(&arg.get_id().as_str());
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}: no help", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
 }

@@ -7,15 +7,23 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(meshd::logbuf::Stderr::start())
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(meshd::logbuf::Stderr::start());
+    match cli.log_format {
+        cli::LogFormat::Json => logs.json().init(),
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let result = match cli.command {
         Command::Doctor => cli::doctor(&cli.assume_missing),
         Command::Cleanup { pin_dir, state_dir } => meshd::cleanup::run(pin_dir, state_dir),
-        Command::Iptables { config, .. } => cli::iptables_dry_run(&config),
+        Command::Iptables { config, dry_run } => cli::iptables_dry_run(&config, dry_run),
+        Command::Version => {
+            println!("meshd {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
         Command::Ca(command) => cli::ca(command),
         Command::Policy(command) => cli::policy(command),
         Command::InstallCni {

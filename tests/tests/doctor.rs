@@ -123,3 +123,20 @@ fn forcing_a_mode_the_kernel_lacks_names_what_is_missing() {
         "{msg}"
     );
 }
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    require_privileges!();
+    let out = meshd(&["--log-format=json", "--log=debug", "doctor"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "doctor logged nothing at debug level");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    let version = meshd(&["version"], None);
+    assert!(text(&version).starts_with("meshd "), "{}", text(&version));
+}
