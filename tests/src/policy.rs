@@ -35,14 +35,15 @@ impl Drop for PolicyDir {
 }
 
 /// meshd on node 0 for the client workloads `clients` (no ports), and on node 1 for the
-/// workload `server` (`body`: its ports and labels) under the policies of `dir`; both in ebpf
-/// mode with SVIDs of `ca`.
+/// workload `server` (`body`: its ports and labels) under the policies of `dir` (and
+/// `server_extra`, top-level config lines); both in ebpf mode with SVIDs of `ca`.
 pub fn start_policy_mesh(
     net: &TestNet,
     ca: &MeshCa,
     clients: &[&str],
     server: (&str, &str),
     dir: &PolicyDir,
+    server_extra: &str,
 ) -> Result<(Meshd, Meshd)> {
     let mut entries = String::new();
     for name in clients {
@@ -51,7 +52,7 @@ pub fn start_policy_mesh(
     let client = net.meshd_config_yaml(0, &entries, &ca.config(0, "24h", &[]))?;
     let workload = net.workload_yaml(server.0, server.1)?;
     let extra = format!(
-        "{}policies: [{}]\n",
+        "{}policies: [{}]\n{server_extra}",
         ca.config(1, "24h", &[]),
         dir.0.display()
     );

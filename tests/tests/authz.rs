@@ -101,7 +101,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     db.expect_line("ready", WAIT).unwrap();
     let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
     let (_a, mut b) =
-        start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir).unwrap();
+        start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir, "").unwrap();
     let url = |path: &str| format!("http://{}:8080{path}", net.node(1).addr);
 
     // The method/path matrix, as the article and the policies above have it.
@@ -243,4 +243,59 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         curl(&net, "www", &[&url("/hup")]).trim(),
         "db GET /hup 0 [200]"
     );
+}
+
+#[test]
+fn permissive_plaintext_is_decided_without_an_identity() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let dir = PolicyDir::new(&net).unwrap();
+    let nothing =
+        format!("{HEAD}metadata: {{name: allow-nothing, namespace: default}}\nspec: {{}}\n");
+    dir.put("00-default-deny.yaml", &nothing);
+    // Plaintext has no principal: only its address can be named.
+    let client = net.node(0).addr;
+    dir.put("10-plaintext-reads.yaml", &format!(
+        "{HEAD}metadata: {{name: plaintext-reads, namespace: default}}\nspec:\n  \
+         selector: {{matchLabels: {{app: db}}}}\n  rules:\n  \
+         - from: [{{source: {{ipBlocks: [\"{client}/32\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
+    ));
+    let mut db = net
+        .workload(1, "db", &["python3", "-c", DB_SERVER])
+        .unwrap();
+    db.expect_line("ready", WAIT).unwrap();
+    let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db}\n";
+    let permissive = "peer_authentication:\n- spec: {mtls: {mode: PERMISSIVE}}\n";
+    let (_a, b) =
+        start_policy_mesh(&net, &ca, &["www"], ("db", db_ports), &dir, permissive).unwrap();
+    // A process of node 0 outside any workload: not intercepted, it arrives in plaintext.
+    let url = format!("http://{}:8080/x", net.node(1).addr);
+    let plain = |method: &str| {
+        let argv = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " [%{http_code}]",
+            "-X",
+            method,
+            &url,
+        ];
+        let (_, out) = net
+            .host_process(0, &argv)
+            .unwrap()
+            .wait_output(WAIT)
+            .unwrap();
+        out
+    };
+    assert_eq!(plain("GET").trim(), "db GET /x 0 [200]");
+    assert_eq!(plain("DELETE").trim(), "RBAC: access denied [403]");
+    let http_denials = [
+        "meshd_policy_decisions_total",
+        "decision=\"deny\"",
+        "layer=\"http\"",
+    ];
+    assert!(b.metric_sum(&net, 1, &http_denials) >= 1.0);
 }

@@ -51,6 +51,7 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         &["client", "stranger"],
         ("greeter", greeter_ports),
         &dir,
+        "",
     )
     .unwrap();
 
