@@ -106,7 +106,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
 
     // The method/path matrix, as the article and the policies above have it.
     let denied = "RBAC: access denied [403]";
-    let matrix: [(&str, &str, &str, &str); 8] = [
+    let matrix: [(&str, &str, &str, &str); 11] = [
         ("www", "GET", "/items", "db GET /items 0 [200]"),
         ("www", "POST", "/items", "db POST /items 5 [200]"),
         (
@@ -118,12 +118,16 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         ("www", "DELETE", "/items/1", denied),
         ("www", "PUT", "/items/1", denied),
         ("www", "GET", "/admin/users", denied),
+        // The DENY holds for every spelling of the path (decided on its normal form).
+        ("www", "GET", "//admin/users", denied),
+        ("www", "GET", "/items/../admin/users", denied),
+        ("www", "GET", "/%61dmin/users", denied),
         ("auth", "GET", "/items", denied),
         ("auth", "POST", "/items", denied),
     ];
     for (who, method, path, expected) in matrix {
         let target = url(path);
-        let mut args = vec!["-X", method, target.as_str()];
+        let mut args = vec!["--path-as-is", "-X", method, target.as_str()];
         if method == "POST" {
             args.extend(["--data-binary", "hello"]);
         }

@@ -21,7 +21,7 @@ use crate::{
     l7::{self, h2io::H2Io, RequestGate},
     metrics::{Direction, PolicyLabels},
     policy::{
-        query::namespace_of, query::path_only, Attrs, Decision, Http, Target, Unknown, Verdict,
+        query::namespace_of, query::normalize_path, Attrs, Decision, Http, Target, Unknown, Verdict,
     },
     tunnel,
 };
@@ -269,9 +269,10 @@ impl RequestGate for Layer {
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
+        let path = normalize_path(head.uri.path());
         let http = Http {
             method: head.method.as_str(),
-            path: path_only(head.uri.path()),
+            path: &path,
             host,
             headers: &head.headers,
         };

@@ -405,6 +405,9 @@ async fn host_header_is_the_uri_authority() {
             b"HTTP/1.0 304 Not Modified\r\n\r\n",
         )
         .await;
+        // A target starting with `//` is a path (not a scheme-relative authority).
+        let slashes = b"GET //admin/x HTTP/1.1\r\nHost: a\r\n\r\n";
+        exchange(&mut h, slashes, b"HTTP/1.1 204 No Content\r\n\r\n").await;
         {
             let heads = h.gate.heads.lock().unwrap();
             let head = &heads[0];
@@ -416,6 +419,8 @@ async fn host_header_is_the_uri_authority() {
             assert_eq!(head.headers["host"], "example.com:8080");
             assert_eq!(heads[1].uri.authority(), None);
             assert_eq!(heads[1].version, http::Version::HTTP_10);
+            assert_eq!(heads[2].uri.path(), "//admin/x");
+            assert_eq!(heads[2].uri.authority().unwrap().as_str(), "a");
         }
         finish(h).await;
     })
