@@ -91,6 +91,16 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         logs(&mut a, &mut b, &mut greeter)
     );
 
+    // The connection's access line counts the HTTP/2 bytes relayed both ways.
+    let access = b
+        .wait_access(&["direction=inbound", "workload=default/greeter"], 1)
+        .unwrap();
+    assert!(
+        !access[0].contains("bytes_sent=0 ") && !access[0].contains("bytes_received=0 "),
+        "{}",
+        access[0]
+    );
+
     // greeter saw the two Hellos on one connection, and never the Admin call (it would have
     // come between them).
     for _ in 0..2 {

@@ -33,8 +33,10 @@ use super::{RequestGate, Verdict, DENIED_BODY};
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request or response header list accepted (SETTINGS_MAX_HEADER_LIST_SIZE).
 pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
-/// How long the upstream connection may take to close after the downstream one ended.
-pub const UPSTREAM_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the upstream connection may take to close after the downstream one ended (its
+/// streams are finished by then; a server that keeps the connection open after the GOAWAY is
+/// not waited for longer, so the connection's access line is not held back).
+pub const UPSTREAM_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 /// gRPC status code `PERMISSION_DENIED`.
 pub const GRPC_PERMISSION_DENIED: &str = "7";
 

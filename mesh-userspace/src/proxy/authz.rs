@@ -5,7 +5,10 @@
 
 use std::{
     net::{IpAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
 };
 
 use bytes::Bytes;
@@ -253,10 +256,15 @@ impl Layer {
         U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         if self.guard.protocol() == Protocol::Grpc {
+            // The filter relays frames, not a byte stream: what is counted is the HTTP/2 bytes
+            // written to the workload's connection and to the caller's.
+            let (to_workload, to_caller) =
+                (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let upstream = Counted::new(upstream, Arc::clone(&to_workload));
+            let downstream = Counted::new(downstream, Arc::clone(&to_caller));
             let layer: Arc<dyn RequestGate> = Arc::new(self);
             l7::grpc::filter(downstream, upstream, layer).await?;
-            // The gRPC filter relays frames, not a byte stream; its bytes are not counted here.
-            return Ok((0, 0));
+            return Ok((to_workload.load(Relaxed), to_caller.load(Relaxed)));
         }
         l7::http1::filter(downstream, upstream, &self).await
     }
@@ -291,5 +299,56 @@ impl RequestGate for Layer {
         self.guard.ctx.metrics.reject(Direction::Inbound, reason);
         tracing::warn!(workload = %self.guard.workload.name, dst = %self.guard.dst, reason,
             "request refused: 400");
+    }
+}
+
+/// A stream that counts the bytes written to it.
+struct Counted<T> {
+    inner: T,
+    written: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, written: Arc<AtomicU64>) -> Self {
+        Counted { inner, written }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            let n = *n as u64;
+            self.written.fetch_add(n, Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
