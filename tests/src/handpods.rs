@@ -136,7 +136,7 @@ pub fn cni(command: &str, pod: &HandPod, name: &str, socket: &str) -> (bool, Str
         .env("CNI_CONTAINERID", &pod.id)
         .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_SERVICE_ACCOUNT={name}"))
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_SERVICE_ACCOUNT={name};MESHD_LABELS=app:{name}"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -12,6 +12,7 @@ use testhosts::{
         assert_pod_tunnel, cni, hand_pod, logs, pods_config, route_pod_subnets, run_in_pod,
         start_pods_meshd,
     },
+    policy::{PolicyDir, POLICY_HEAD},
     require_privileges, sibling_binary, Capture, MeshCa, Meshd, TestNet, WorkloadSpec,
 };
 
@@ -349,4 +350,56 @@ fn a_sigkilled_meshd_fails_closed_and_readopts_its_pods() {
             "{mode}: marker crossed in plaintext"
         );
     }
+}
+
+/// Authorization policy selects pods by their labels (here from the CNI call) and names them by
+/// their own SPIFFE IDs: of two pods on node 0, only `web` may reach pod `db` on node 1.
+#[test]
+fn pod_policy_selects_pods_by_label_and_callers_by_identity() {
+    require_privileges!();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    route_pod_subnets(&net);
+    let (web, other, db) = (
+        hand_pod(&net, 0, 0),
+        hand_pod(&net, 0, 1),
+        hand_pod(&net, 1, 0),
+    );
+    let tool = tool();
+    let mut server = run_in_pod(&db, &[&tool, "echo-server", "0.0.0.0:7000"]);
+    server.expect_line("ready", WAIT).unwrap();
+    let dir = PolicyDir::new(&net).unwrap();
+    dir.put(
+        "db.yaml",
+        &format!(
+            "{POLICY_HEAD}metadata: {{name: web-to-db, namespace: shop}}\nspec:\n  \
+             selector: {{matchLabels: {{app: db}}}}\n  \
+             rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/web]}}}}]}}]\n"
+        ),
+    );
+    let (m0, s0) = start_pods_meshd(&net, &ca, 0, "ebpf", "");
+    let (config, s1) = pods_config(&net, &ca, 1, "");
+    let config = format!("{config}policies: [{}]\n", dir.0.display());
+    let m1 = net.start_meshd_with(1, "ebpf", &[], &config).unwrap();
+    for (pod, name, socket) in [(&web, "web", &s0), (&other, "other", &s0), (&db, "db", &s1)] {
+        let (ok, out) = cni("ADD", pod, name, socket);
+        assert!(ok, "ADD {name}: {out}");
+    }
+    let target = format!("{}:7000", db.ip);
+    let send = [tool.as_str(), "client", &target, "100", "1"];
+    let (ok, out) = run_in_pod(&web, &send).wait_output(WAIT).unwrap();
+    assert!(ok.success(), "web -> db: {out}");
+    let (ok, out) = run_in_pod(&other, &send).wait_output(WAIT).unwrap();
+    assert!(!ok.success(), "other reached db: {out}");
+    let denied = [
+        "meshd_policy_decisions_total",
+        "decision=\"deny\"",
+        "reason=\"no_allow_match\"",
+    ];
+    assert_eq!(m1.metric_sum(&net, 1, &denied), 1.0);
+    for (pod, name, socket) in [(&web, "web", &s0), (&other, "other", &s0), (&db, "db", &s1)] {
+        let (ok, out) = cni("DEL", pod, name, socket);
+        assert!(ok, "DEL {name}: {out}");
+    }
+    drop((m0, m1));
 }
