@@ -163,8 +163,7 @@ where
         if tx.send(Pending::Response(expected)).await.is_err() {
             return Ok(out.sent);
         }
-        inbound.forward(&mut out, head.len).await?;
-        inbound.relay_body(&mut out, head.body).await?;
+        inbound.relay_message(&mut out, head.len, head.body).await?;
         if let Some(switch_rx) = switch_rx {
             match switch_rx.await {
                 Ok(false) => {}
@@ -257,26 +256,27 @@ where
         let Some((len, status, body)) = read_response(inbound).await? else {
             return Ok(Outcome::Closed);
         };
-        inbound.forward(out, len).await?;
         let accepted = match status {
             101 => switched.is_some(),
             200..=299 => connect,
             _ => false,
         };
         if accepted {
+            inbound.forward(out, len).await?;
             if let Some(tx) = switched.take() {
                 let _ = tx.send(true);
             }
             return Ok(Outcome::Switched);
         }
         if (100..200).contains(&status) {
+            inbound.forward(out, len).await?;
             continue;
         }
         let body = match head || status == 204 || status == 304 {
             true => Body::Empty,
             false => body,
         };
-        inbound.relay_body(out, body).await?;
+        inbound.relay_message(out, len, body).await?;
         if let Some(tx) = switched {
             let _ = tx.send(false);
         }

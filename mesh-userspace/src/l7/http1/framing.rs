@@ -210,6 +210,24 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
+    /// Forwards a message: its head (`head` bytes, buffered) and its body. A fixed-length body's
+    /// buffered part leaves with the head in one write (one segment, one HTTP/2 DATA frame).
+    pub(super) async fn relay_message<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut Out<W>,
+        head: usize,
+        body: Body,
+    ) -> io::Result<()> {
+        let Body::Length(n) = body else {
+            self.forward(out, head).await?;
+            return self.relay_body(out, body).await;
+        };
+        let buffered = (self.buf.len() - head) as u64;
+        let with_head = n.min(buffered);
+        self.forward(out, head + with_head as usize).await?;
+        self.relay_exact(out, n - with_head).await
+    }
+
     /// Forwards one body with the given framing.
     pub(super) async fn relay_body<W: AsyncWrite + Unpin>(
         &mut self,
