@@ -42,6 +42,13 @@ const MALFORMED: &str = "malformed_head";
 const TOO_LARGE: &str = "head_too_large";
 /// [`RequestGate::rejected`] reason: ambiguous body framing (request smuggling defence).
 const BAD_FRAMING: &str = "bad_framing";
+/// [`RequestGate::rejected`] reason: a head begun but not finished within [`HEAD_TIMEOUT`].
+const HEAD_TIMED_OUT: &str = "head_timeout";
+/// How long a request head may take from its first byte to its last (slow-header clients).
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Written downstream for a head that did not arrive in time.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 15\r\n\
+content-type: text/plain\r\nconnection: close\r\n\r\nRequest Timeout";
 
 /// Relays HTTP/1.1 between `downstream` (the caller) and `upstream` (the workload) until both
 /// directions are done, asking `gate` about each request head first. A denied request is answered
@@ -74,8 +81,8 @@ enum Pending {
     Response(Expected),
     /// Write [`FORBIDDEN`] and close.
     Deny,
-    /// Write [`BAD_REQUEST`] and close.
-    Reject,
+    /// Write this answer ([`BAD_REQUEST`], [`REQUEST_TIMEOUT`]) and close.
+    Reject(&'static [u8]),
 }
 
 /// What the response side needs to know about a forwarded request to frame its response.
@@ -140,7 +147,11 @@ where
             ReadHead::Bad(reason) => {
                 debug!(reason, "http1: rejecting request head");
                 gate.rejected(reason);
-                let _ = tx.send(Pending::Reject).await;
+                let answer = match reason {
+                    HEAD_TIMED_OUT => REQUEST_TIMEOUT,
+                    _ => BAD_REQUEST,
+                };
+                let _ = tx.send(Pending::Reject(answer)).await;
                 return Ok(out.sent);
             }
         };
@@ -199,7 +210,7 @@ where
         let answer = match next_pending(&mut inbound, &mut rx).await? {
             None => return tunnel(&mut inbound, &mut out).await,
             Some(Pending::Deny) => FORBIDDEN,
-            Some(Pending::Reject) => BAD_REQUEST,
+            Some(Pending::Reject(answer)) => answer,
             Some(Pending::Response(expected)) => {
                 match relay_response(&mut inbound, &mut out, expected).await? {
                     Outcome::Done => continue,
@@ -287,8 +298,10 @@ where
     }
 }
 
-/// Waits for a complete request head in the buffer.
+/// Waits for a complete request head in the buffer, at most [`HEAD_TIMEOUT`] from its first
+/// byte (waiting between requests is not limited here).
 async fn read_request<R: AsyncRead + Unpin>(inbound: &mut Inbound<R>) -> io::Result<ReadHead> {
+    let mut deadline = None;
     loop {
         match parse_request(&inbound.buf) {
             Ok(Some(head)) => return Ok(ReadHead::Head(Box::new(head))),
@@ -296,7 +309,17 @@ async fn read_request<R: AsyncRead + Unpin>(inbound: &mut Inbound<R>) -> io::Res
             Ok(None) if inbound.buf.len() > MAX_HEAD => return Ok(ReadHead::Bad(TOO_LARGE)),
             Ok(None) => {}
         }
-        if inbound.fill().await? == 0 {
+        if !inbound.buf.is_empty() {
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
+        }
+        let read = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, inbound.fill()).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(ReadHead::Bad(HEAD_TIMED_OUT)),
+            },
+            None => inbound.fill().await?,
+        };
+        if read == 0 {
             return Ok(match inbound.buf.is_empty() {
                 true => ReadHead::Eof,
                 false => ReadHead::Bad(MALFORMED),

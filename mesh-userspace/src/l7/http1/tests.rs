@@ -467,3 +467,24 @@ async fn bad_request_waits_for_earlier_response() {
     })
     .await;
 }
+
+/// A head that starts but never finishes gets 408 after [`super::HEAD_TIMEOUT`], counted.
+#[tokio::test(start_paused = true)]
+async fn a_slow_head_times_out_with_408() {
+    let mut h = start();
+    h.client
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(super::HEAD_TIMEOUT + Duration::from_secs(1)).await;
+    let answer = String::from_utf8(read_all(&mut h.client).await).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+    assert_eq!(*h.gate.rejected.lock().unwrap(), ["head_timeout"]);
+    assert!(
+        h.gate.paths().is_empty(),
+        "nothing was decided or forwarded"
+    );
+}
