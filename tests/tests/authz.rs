@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use testhosts::{
     policy::{start_policy_mesh, PolicyDir, POLICY_HEAD as HEAD},
-    require_privileges, MeshCa, TestNet,
+    require_privileges, MeshCa, Meshd, Process, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -89,23 +89,61 @@ fn curl(net: &TestNet, workload: &str, args: &[&str]) -> String {
     out
 }
 
+/// The three services up: db's server, meshd on both nodes, the policies. Fields drop in
+/// order: meshd and the server stop before the test net goes.
+struct Scene {
+    b: Meshd,
+    _a: Meshd,
+    _db: Process,
+    dir: PolicyDir,
+    _ca: MeshCa,
+    net: TestNet,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        let dir = policies(&net);
+        let mut db = net
+            .workload(1, "db", &["python3", "-c", DB_SERVER])
+            .unwrap();
+        db.expect_line("ready", WAIT).unwrap();
+        let db_ports =
+            "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
+        let (a, b) =
+            start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir, "").unwrap();
+        Scene {
+            b,
+            _a: a,
+            _db: db,
+            dir,
+            _ca: ca,
+            net,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}:8080{path}", self.net.node(1).addr)
+    }
+}
+
+const DENIED: &str = "RBAC: access denied [403]";
+
 #[test]
 fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     require_privileges!();
-    let net = TestNet::new(2).unwrap();
-    let ca = MeshCa::new(&net).unwrap();
-    let dir = policies(&net);
-    let mut db = net
-        .workload(1, "db", &["python3", "-c", DB_SERVER])
-        .unwrap();
-    db.expect_line("ready", WAIT).unwrap();
-    let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
-    let (_a, mut b) =
-        start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir, "").unwrap();
-    let url = |path: &str| format!("http://{}:8080{path}", net.node(1).addr);
+    let mut s = Scene::new();
+    method_path_matrix(&mut s);
+    audit_and_counts(&mut s);
+    a_broken_file_keeps_the_old_policy(&mut s);
+    removing_an_allow_closes_its_connections(&mut s);
+    sighup_reloads(&mut s);
+}
 
-    // The method/path matrix, as the article and the policies above have it.
-    let denied = "RBAC: access denied [403]";
+/// The method/path matrix, as the article and the policies above have it; keep-alive.
+fn method_path_matrix(s: &mut Scene) {
+    let denied = DENIED;
     let matrix: [(&str, &str, &str, &str); 11] = [
         ("www", "GET", "/items", "db GET /items 0 [200]"),
         ("www", "POST", "/items", "db POST /items 5 [200]"),
@@ -126,41 +164,44 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         ("auth", "POST", "/items", denied),
     ];
     for (who, method, path, expected) in matrix {
-        let target = url(path);
+        let target = s.url(path);
         let mut args = vec!["--path-as-is", "-X", method, target.as_str()];
         if method == "POST" {
             args.extend(["--data-binary", "hello"]);
         }
-        let out = curl(&net, who, &args);
+        let out = curl(&s.net, who, &args);
         assert_eq!(
             out.trim(),
             expected,
             "{who} {method} {path}; meshd log:\n{}",
-            b.process.output_so_far().join("\n")
+            s.b.process.output_so_far().join("\n")
         );
     }
     // Keep-alive: a denial answers 403 and closes; curl's next request opens a new connection.
     let each = ["-sS", "-w", " [%{http_code}]\n"];
-    let (a, b2, c) = (url("/a"), url("/b"), url("/c"));
+    let (a, b2, c) = (s.url("/a"), s.url("/b"), s.url("/c"));
     let mut args = vec![a.as_str(), "--next"];
     args.extend(each.iter().chain(&["-X", "DELETE", b2.as_str(), "--next"]));
     args.extend(each.iter().chain(&[c.as_str()]));
-    let out = curl(&net, "www", &args);
+    let out = curl(&s.net, "www", &args);
     assert_eq!(
         out.trim(),
         format!("db GET /a 0 [200]\n{denied}\ndb GET /c 0 [200]")
     );
+}
 
-    // AUDIT logged the POST and changed nothing; decisions are counted by policy and reason.
-    b.process.expect_line_containing("AUDIT", WAIT).unwrap();
-    assert!(b
+/// AUDIT logged the POST and changed nothing; decisions are counted by policy and reason.
+fn audit_and_counts(s: &mut Scene) {
+    s.b.process.expect_line_containing("AUDIT", WAIT).unwrap();
+    assert!(s
+        .b
         .process
         .output_so_far()
         .iter()
         .any(|l| l.contains("AUDIT") && l.contains("default/audit-posts")));
     let denied_by = |policy: &str, reason: &str| {
-        b.metric_sum(
-            &net,
+        s.b.metric_sum(
+            &s.net,
             1,
             &[
                 "meshd_policy_decisions_total",
@@ -172,35 +213,40 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     };
     assert!(denied_by("default/no-admin", "denied_by_policy") >= 1.0);
     assert!(denied_by("-", "no_allow_match") >= 4.0);
+}
 
-    // A broken file is rejected whole: the old policy stays in force and a metric says so.
-    std::fs::write(dir.0.join("10-www-to-db.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{to: [{operation: {method: [GET]}}]}]}\n").unwrap();
-    b.process
+/// A broken file is rejected whole: the old policy stays in force and a metric says so.
+fn a_broken_file_keeps_the_old_policy(s: &mut Scene) {
+    std::fs::write(s.dir.0.join("10-www-to-db.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec: {rules: [{to: [{operation: {method: [GET]}}]}]}\n").unwrap();
+    s.b.process
         .expect_line_containing("reload rejected", WAIT)
         .unwrap();
-    let log = b.process.output_so_far().join("\n");
+    let log = s.b.process.output_so_far().join("\n");
     assert!(
         log.contains("10-www-to-db.yaml:4: spec.rules[0].to[0].operation: unknown field `method`"),
         "{log}"
     );
     assert_eq!(
-        b.metric_sum(&net, 1, &["meshd_policy_last_reload_failed"]),
+        s.b.metric_sum(&s.net, 1, &["meshd_policy_last_reload_failed"]),
         1.0
     );
     assert_eq!(
-        curl(&net, "www", &[&url("/still")]).trim(),
+        curl(&s.net, "www", &[&s.url("/still")]).trim(),
         "db GET /still 0 [200]"
     );
-    assert_eq!(curl(&net, "auth", &[&url("/still")]).trim(), denied);
+    assert_eq!(curl(&s.net, "auth", &[&s.url("/still")]).trim(), DENIED);
+}
 
-    // The good file back, then an open keep-alive connection of www's; removing its ALLOW
-    // closes it within a second.
-    dir.put("10-www-to-db.yaml", &www_to_db("www"));
-    b.process
+/// The good file back, then an open keep-alive connection of www's; removing its ALLOW closes
+/// it within a second.
+fn removing_an_allow_closes_its_connections(s: &mut Scene) {
+    s.dir.put("10-www-to-db.yaml", &www_to_db("www"));
+    s.b.process
         .expect_line_containing("authorization policy reloaded", WAIT)
         .unwrap();
-    let target = net.node(1).addr.to_string();
-    let mut held = net
+    let target = s.net.node(1).addr.to_string();
+    let mut held = s
+        .net
         .workload(0, "www", &["python3", "-c", HOLDING_CLIENT, &target])
         .unwrap();
     let first = held.expect_line_containing("response", WAIT).unwrap();
@@ -211,7 +257,7 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
         .unwrap()
         .as_secs_f64();
     let started = Instant::now();
-    dir.put("10-www-to-db.yaml", &www_to_db("someone-else"));
+    s.dir.put("10-www-to-db.yaml", &www_to_db("someone-else"));
     let closed = held
         .expect_line_containing("closed", Duration::from_secs(5))
         .unwrap();
@@ -224,27 +270,31 @@ fn www_reaches_db_auth_is_denied_and_reloads_take_effect_at_once() {
     );
     let revoked = &["meshd_policy_decisions_total", "reason=\"revoked\""];
     assert!(
-        b.metric_sum(&net, 1, revoked) >= 1.0,
+        s.b.metric_sum(&s.net, 1, revoked) >= 1.0,
         "{}\n{}",
-        b.metrics(&net, 1).unwrap(),
-        b.process.output_so_far().join("\n")
+        s.b.metrics(&s.net, 1).unwrap(),
+        s.b.process.output_so_far().join("\n")
     );
-    assert_eq!(curl(&net, "www", &[&url("/after")]).trim(), denied);
+    assert_eq!(curl(&s.net, "www", &[&s.url("/after")]).trim(), DENIED);
+}
 
-    // SIGHUP reloads too (and does not stop meshd).
-    dir.put("10-www-to-db.yaml", &www_to_db("www"));
-    b.process
+/// SIGHUP reloads too (and does not stop meshd).
+fn sighup_reloads(s: &mut Scene) {
+    s.dir.put("10-www-to-db.yaml", &www_to_db("www"));
+    s.b.process
         .expect_line_containing("authorization policy reloaded", WAIT)
         .unwrap();
-    b.process.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    b.process
+    s.b.process
+        .signal(nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    s.b.process
         .expect_line_containing("SIGHUP: reloading", WAIT)
         .unwrap();
-    b.process
+    s.b.process
         .expect_line_containing("authorization policy reloaded", WAIT)
         .unwrap();
     assert_eq!(
-        curl(&net, "www", &[&url("/hup")]).trim(),
+        curl(&s.net, "www", &[&s.url("/hup")]).trim(),
         "db GET /hup 0 [200]"
     );
 }

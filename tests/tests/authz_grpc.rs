@@ -113,38 +113,17 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
     assert_eq!(count(&format!("call {admin}")), 0, "{seen:?}");
 
     // The denial is counted at the gRPC layer, against the DENY policy.
-    let grpc_denials = b.metric_sum(
-        &net,
-        1,
-        &[
-            "meshd_policy_decisions_total",
-            "decision=\"deny\"",
-            "layer=\"grpc\"",
-        ],
-    );
-    assert_eq!(grpc_denials, 1.0, "{}", b.metrics(&net, 1).unwrap());
-    let by_policy = b.metric_sum(
-        &net,
-        1,
-        &[
-            "meshd_policy_decisions_total",
-            "decision=\"deny\"",
-            "layer=\"grpc\"",
-            "policy=\"default/no-admin\"",
-            "reason=\"denied_by_policy\"",
-        ],
-    );
-    assert_eq!(by_policy, 1.0, "{}", b.metrics(&net, 1).unwrap());
-    let grpc_allowed = b.metric_sum(
-        &net,
-        1,
-        &[
-            "meshd_policy_decisions_total",
-            "decision=\"allow\"",
-            "layer=\"grpc\"",
-        ],
-    );
-    assert_eq!(grpc_allowed, 2.0, "{}", b.metrics(&net, 1).unwrap());
+    let metrics = || b.metrics(&net, 1).unwrap();
+    let deny = "decision=\"deny\"";
+    assert_eq!(grpc_decisions(&b, &net, &[deny]), 1.0, "{}", metrics());
+    let by_policy = [
+        deny,
+        "policy=\"default/no-admin\"",
+        "reason=\"denied_by_policy\"",
+    ];
+    assert_eq!(grpc_decisions(&b, &net, &by_policy), 1.0, "{}", metrics());
+    let allowed = ["decision=\"allow\""];
+    assert_eq!(grpc_decisions(&b, &net, &allowed), 2.0, "{}", metrics());
 
     // A caller no ALLOW rule names is refused at the connection, before greeter is dialled;
     // its calls are answered as denied calls are.
@@ -166,15 +145,10 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
         "{}",
         logs(&mut a, &mut b, &mut greeter)
     );
-    let refused = b.metric_sum(
+    let refused = grpc_decisions(
+        &b,
         &net,
-        1,
-        &[
-            "meshd_policy_decisions_total",
-            "decision=\"deny\"",
-            "layer=\"grpc\"",
-            "reason=\"no_allow_match\"",
-        ],
+        &["decision=\"deny\"", "reason=\"no_allow_match\""],
     );
     assert_eq!(refused, 1.0, "{}", b.metrics(&net, 1).unwrap());
     assert_eq!(
@@ -185,4 +159,11 @@ fn grpc_calls_are_decided_one_by_one_on_one_connection() {
             .count(),
         1
     );
+}
+
+/// `meshd_policy_decisions_total` at the gRPC layer, for samples that also carry `more`.
+fn grpc_decisions(meshd: &Meshd, net: &TestNet, more: &[&str]) -> f64 {
+    let mut needles = vec!["meshd_policy_decisions_total", "layer=\"grpc\""];
+    needles.extend_from_slice(more);
+    meshd.metric_sum(net, 1, &needles)
 }

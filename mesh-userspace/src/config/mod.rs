@@ -13,6 +13,9 @@ use std::{
 use serde::Deserialize;
 
 pub mod mesh;
+mod ports;
+
+pub use ports::{PortConfig, PortSpec, Protocol};
 
 pub use mesh::{Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth};
 
@@ -123,73 +126,6 @@ pub struct WorkloadConfig {
     /// `proxy.sk_msg_bypass`). Turn it on for event-driven workloads (non-blocking sockets).
     #[serde(default)]
     pub sk_msg_bypass: Option<bool>,
-}
-
-/// A workload port, with its protocol when it is not plain TCP.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(untagged)]
-pub enum PortConfig {
-    Port(u16),
-    Spec(PortSpec),
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortSpec {
-    pub port: u16,
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-impl PortConfig {
-    pub fn port(&self) -> u16 {
-        match self {
-            PortConfig::Port(p) => *p,
-            PortConfig::Spec(s) => s.port,
-        }
-    }
-
-    pub fn protocol(&self) -> Protocol {
-        match self {
-            PortConfig::Port(_) => Protocol::Tcp,
-            PortConfig::Spec(s) => s.protocol,
-        }
-    }
-}
-
-/// What a workload port speaks, as far as policy needs to know.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    #[default]
-    Tcp,
-    /// HTTP/1.1: policy decides each request.
-    Http,
-    /// gRPC (HTTP/2 with prior knowledge): policy decides each call.
-    Grpc,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Http => "http",
-            Protocol::Grpc => "grpc",
-        }
-    }
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Protocol, String> {
-        match s {
-            "tcp" => Ok(Protocol::Tcp),
-            "http" => Ok(Protocol::Http),
-            "grpc" => Ok(Protocol::Grpc),
-            other => Err(format!("{other:?} is not tcp, http or grpc")),
-        }
-    }
 }
 
 fn default_namespace() -> String {
