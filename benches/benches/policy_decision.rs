@@ -226,19 +226,7 @@ fn check_flat(sets: &[PolicySet], target: &Target, scenarios: &[Scenario]) {
 }
 
 fn main() {
-    let sets: Vec<PolicySet> = SIZES
-        .iter()
-        .map(|&n| {
-            let yaml = policy_yaml(n);
-            let start = Instant::now();
-            let policies = doc::parse(&yaml, Path::new("generated.yaml"))
-                .unwrap_or_else(|e| panic!("generated policies ({n}) do not parse: {e}"));
-            assert_eq!(policies.len(), n, "generated policy count");
-            let took = start.elapsed();
-            println!("parsed {n} policies in {:.1} ms", took.as_secs_f64() * 1e3);
-            PolicySet::new(policies)
-        })
-        .collect();
+    let sets = parse_sets();
 
     let labels: BTreeMap<String, String> =
         [("app", "svc-0"), ("version", "v1"), ("team", "payments")]
@@ -289,15 +277,44 @@ fn main() {
         },
     ];
 
-    // Every size decides alike, from the same applicable policies: only the cost may differ.
+    check_decisions(&sets, &target, &scenarios);
+
+    run_criterion(&sets, &target, &scenarios);
+
+    // `cargo bench` passes --bench; `cargo test --benches` does not (one run each, no timing).
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list") {
+        check_flat(&sets, &target, &scenarios);
+    }
+}
+
+/// The generated policy sets, one per size, parsed (outside any timing).
+fn parse_sets() -> Vec<PolicySet> {
+    SIZES
+        .iter()
+        .map(|&n| {
+            let yaml = policy_yaml(n);
+            let start = Instant::now();
+            let policies = doc::parse(&yaml, Path::new("generated.yaml"))
+                .unwrap_or_else(|e| panic!("generated policies ({n}) do not parse: {e}"));
+            assert_eq!(policies.len(), n, "generated policy count");
+            let took = start.elapsed();
+            println!("parsed {n} policies in {:.1} ms", took.as_secs_f64() * 1e3);
+            PolicySet::new(policies)
+        })
+        .collect()
+}
+
+/// Every size decides alike, from the same applicable policies: only the cost may differ.
+fn check_decisions(sets: &[PolicySet], target: &Target, scenarios: &[Scenario]) {
     for (set, n) in sets.iter().zip(SIZES) {
         assert_eq!(
-            set.applicable(&target).len(),
+            set.applicable(target).len(),
             APPLICABLE,
             "applicable at {n}"
         );
-        for s in &scenarios {
-            let d = decide(set, &target, s);
+        for s in scenarios {
+            let d = decide(set, target, s);
             let got = (d.verdict, d.reason, d.policy_id());
             let (verdict, reason, policy) = s.expect;
             assert_eq!(
@@ -310,24 +327,21 @@ fn main() {
             assert_eq!(d.audited.len(), audited, "{} audits at {n}", s.name);
         }
     }
+}
 
+/// The criterion group `decide/{scenario}/{size}`.
+fn run_criterion(sets: &[PolicySet], target: &Target, scenarios: &[Scenario]) {
     let mut c = Criterion::default().configure_from_args();
     {
         let mut group = c.benchmark_group("decide");
-        for s in &scenarios {
+        for s in scenarios {
             for (set, n) in sets.iter().zip(SIZES) {
                 group.bench_with_input(BenchmarkId::new(s.name, n), set, |b, set| {
-                    b.iter(|| decide(set, &target, s))
+                    b.iter(|| decide(set, target, s))
                 });
             }
         }
         group.finish();
     }
     c.final_summary();
-
-    // `cargo bench` passes --bench; `cargo test --benches` does not (one run each, no timing).
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list") {
-        check_flat(&sets, &target, &scenarios);
-    }
 }
