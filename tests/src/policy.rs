@@ -10,6 +10,29 @@ use crate::{MeshCa, Meshd, TestNet};
 /// The head of every AuthorizationPolicy document.
 pub const POLICY_HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
 
+/// `python3 -c HTTP_SERVER NAME`: an HTTP/1.1 server on :8080 (keep-alive) that answers every
+/// method with `NAME METHOD PATH BODYLEN`, and prints `ready` once listening.
+pub const HTTP_SERVER: &str = r#"
+import http.server, sys
+name = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n)
+        out = ("%s %s %s %d" % (name, self.command, self.path, len(body))).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_DELETE = do_PUT = answer
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("ready", flush=True)
+s.serve_forever()
+"#;
+
 /// A directory of policy files for one test net.
 pub struct PolicyDir(pub PathBuf);
 

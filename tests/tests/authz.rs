@@ -7,32 +7,11 @@
 use std::time::{Duration, Instant};
 
 use testhosts::{
-    policy::{start_policy_mesh, PolicyDir, POLICY_HEAD as HEAD},
+    policy::{start_policy_mesh, PolicyDir, HTTP_SERVER, POLICY_HEAD as HEAD},
     require_privileges, MeshCa, Meshd, Process, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// db: answers every method with `db METHOD PATH BODYLEN`, keep-alive.
-const DB_SERVER: &str = r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def answer(self):
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n)
-        out = ("db %s %s %d" % (self.command, self.path, len(body))).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = do_DELETE = do_PUT = answer
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
-print("ready", flush=True)
-s.serve_forever()
-"#;
 
 /// A keep-alive client: one GET, then it waits for the server side to close and prints when.
 const HOLDING_CLIENT: &str = r#"
@@ -106,7 +85,7 @@ impl Scene {
         let ca = MeshCa::new(&net).unwrap();
         let dir = policies(&net);
         let mut db = net
-            .workload(1, "db", &["python3", "-c", DB_SERVER])
+            .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
             .unwrap();
         db.expect_line("ready", WAIT).unwrap();
         let db_ports =
@@ -316,7 +295,7 @@ fn permissive_plaintext_is_decided_without_an_identity() {
          - from: [{{source: {{ipBlocks: [\"{client}/32\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
     ));
     let mut db = net
-        .workload(1, "db", &["python3", "-c", DB_SERVER])
+        .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
         .unwrap();
     db.expect_line("ready", WAIT).unwrap();
     let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db}\n";

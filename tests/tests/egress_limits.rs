@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use testhosts::{require_privileges, sibling_binary, start_checkout_orders_with, MeshCa, TestNet};
+use testhosts::{
+    policy::HTTP_SERVER, require_privileges, sibling_binary, start_checkout_orders_with, MeshCa,
+    TestNet,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -16,22 +19,6 @@ fn run(net: &TestNet, workload: &str, argv: &[&str]) -> (bool, String) {
     (status.success(), out)
 }
 
-/// An HTTP server on node 1 (outside any mesh) answering `outside`.
-const OUTSIDE_HTTP: &str = r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "7")
-        self.end_headers()
-        self.wfile.write(b"outside")
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
-print("ready", flush=True)
-s.serve_forever()
-"#;
-
 #[test]
 fn egress_policy_allows_listed_destinations_only() {
     require_privileges!();
@@ -40,7 +27,7 @@ fn egress_policy_allows_listed_destinations_only() {
     let _echo_a = net.echo_server(1, None, "0.0.0.0:7000").unwrap();
     let _echo_b = net.echo_server(1, None, "0.0.0.0:7001").unwrap();
     let mut http = net
-        .host_process(1, &["python3", "-c", OUTSIDE_HTTP])
+        .host_process(1, &["python3", "-c", HTTP_SERVER, "outside"])
         .unwrap();
     http.expect_line("ready", WAIT).unwrap();
     let outside = net.node(1).addr.to_string();
