@@ -68,6 +68,18 @@ pub fn start_policy_mesh(
     dir: &PolicyDir,
     server_extra: &str,
 ) -> Result<(Meshd, Meshd)> {
+    start_policy_mesh_in("ebpf", net, ca, clients, server, (dir, server_extra))
+}
+
+/// [`start_policy_mesh`] in interception `mode` (`ebpf`, `iptables`, `auto`).
+pub fn start_policy_mesh_in(
+    mode: &str,
+    net: &TestNet,
+    ca: &MeshCa,
+    clients: &[&str],
+    server: (&str, &str),
+    (dir, server_extra): (&PolicyDir, &str),
+) -> Result<(Meshd, Meshd)> {
     let mut entries = String::new();
     for name in clients {
         entries.push_str(&net.workload_yaml(name, "  ports: []\n")?);
@@ -80,8 +92,8 @@ pub fn start_policy_mesh(
         dir.0.display()
     );
     let config = net.meshd_config_yaml(1, &workload, &extra)?;
-    let a = net.start_meshd_config(0, "ebpf", &client)?;
-    let b = net.start_meshd_config(1, "ebpf", &config)?;
+    let a = net.start_meshd_config(0, mode, &client)?;
+    let b = net.start_meshd_config(1, mode, &config)?;
     Ok((a, b))
 }
 

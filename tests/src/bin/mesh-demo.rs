@@ -1,12 +1,16 @@
 //! The README's main job: a small mesh on this machine. Three test nodes in network namespaces;
 //! meshd on two of them (mode from the first argument, default auto); a workload on node 0 talks
-//! to a workload on node 1 through mTLS; node 2, outside the mesh, tries plaintext and is
-//! refused. Everything is removed at the end.
+//! to a workload on node 1 through mTLS; another workload of node 0, with a valid identity the
+//! workload's AuthorizationPolicy does not name, is refused; node 2, outside the mesh, tries
+//! plaintext and is refused. Everything is removed at the end.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use testhosts::{privileges, sibling_binary, start_checkout_orders, MeshCa, Meshd, TestNet};
+use testhosts::{
+    policy::{start_policy_mesh_in, PolicyDir, POLICY_HEAD},
+    privileges, sibling_binary, MeshCa, Meshd, TestNet,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -21,7 +25,19 @@ fn main() -> Result<()> {
     let (a, b, c) = (net.node(0).addr, net.node(1).addr, net.node(2).addr);
     println!("== test nodes: n0 {a} (workload checkout), n1 {b} (workload orders :7000), n2 {c} (outside the mesh)");
     let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000")?;
-    let (mut m0, mut m1) = start_checkout_orders(&net, &ca, &mode, "24h")?;
+    let policy = format!(
+        "{POLICY_HEAD}metadata: {{name: orders-from-checkout, namespace: default}}\nspec:\n  \
+         selector: {{matchLabels: {{app: orders}}}}\n  \
+         rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/checkout]}}}}]}}]\n"
+    );
+    let dir = PolicyDir::new(&net)?;
+    dir.put("orders.yaml", &policy);
+    println!(
+        "== AuthorizationPolicy on orders: only cluster.local/ns/default/sa/checkout may connect"
+    );
+    let orders = ("orders", "  ports: [7000]\n  labels: {app: orders}\n");
+    let clients = ["checkout", "intruder"];
+    let (mut m0, mut m1) = start_policy_mesh_in(&mode, &net, &ca, &clients, orders, (&dir, ""))?;
     let picked = m0
         .process
         .output_so_far()
@@ -61,16 +77,32 @@ fn main() -> Result<()> {
         println!("  {line}");
     }
 
+    println!(
+        "\n== intruder on n0 (its own valid SVID, not named by the policy) connects to {target}"
+    );
+    let mut intruder = net.workload(0, "intruder", &[&tool, "client", &target, "100", "1"])?;
+    let (status, out) = intruder.wait_output(WAIT)?;
+    println!(
+        "  client {}: {}",
+        outcome(status.success()),
+        out.lines().last().unwrap_or_default()
+    );
+    let denied = m1
+        .process
+        .expect_line_containing("denied by authorization policy", WAIT)?;
+    println!("  n1 meshd: {}", denied.trim());
+    for line in
+        (m1.metrics(&net, 1)?.lines()).filter(|l| l.starts_with("meshd_policy_decisions_total{"))
+    {
+        println!("  {line}");
+    }
+
     println!("\n== n2 (no meshd) tries plaintext to {target}: PeerAuthentication is STRICT");
     let mut outsider = net.host_process(2, &[&tool, "client", &target, "100", "1"])?;
     let (status, out) = outsider.wait_output(WAIT)?;
     println!(
         "  client {}: {}",
-        if status.success() {
-            "SUCCEEDED (unexpected)"
-        } else {
-            "failed"
-        },
+        outcome(status.success()),
         out.lines().last().unwrap_or_default()
     );
     let refused = m1
@@ -79,6 +111,15 @@ fn main() -> Result<()> {
     println!("  n1 meshd: {}", refused.trim());
     println!("\n== done; namespaces, cgroups, links and rules are removed now");
     Ok(())
+}
+
+/// How a connection that must be refused went.
+fn outcome(succeeded: bool) -> &'static str {
+    if succeeded {
+        "SUCCEEDED (unexpected)"
+    } else {
+        "refused"
+    }
 }
 
 fn show(title: &str, meshd: &mut Meshd, needle: &str, count: usize) -> Result<()> {
