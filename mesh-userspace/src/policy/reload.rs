@@ -38,15 +38,6 @@ impl Live {
         Ok(Live { paths, tx })
     }
 
-    /// A fixed set (tests, no policy configured).
-    pub fn fixed(set: PolicySet) -> Live {
-        let (tx, _) = watch::channel(Arc::new(set));
-        Live {
-            paths: Vec::new(),
-            tx,
-        }
-    }
-
     pub fn current(&self) -> Arc<PolicySet> {
         self.tx.borrow().clone()
     }

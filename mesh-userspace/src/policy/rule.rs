@@ -158,7 +158,7 @@ impl Operation {
 }
 
 /// `example.com:8080` -> `example.com` (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((h, port)) if !h.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,

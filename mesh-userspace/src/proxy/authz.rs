@@ -36,7 +36,7 @@ pub struct Guard {
     workload: Arc<Workload>,
     dst: SocketAddrV4,
     /// The caller's principal (`td/ns/X/sa/Y`), `None` for plaintext.
-    principal: Option<String>,
+    principal: Option<Arc<str>>,
     source_ip: IpAddr,
 }
 
@@ -63,7 +63,7 @@ impl Guard {
         ctx: Arc<Context>,
         workload: Arc<Workload>,
         dst: SocketAddrV4,
-        principal: Option<String>,
+        principal: Option<Arc<str>>,
         source_ip: IpAddr,
     ) -> Guard {
         Guard {
@@ -134,7 +134,10 @@ impl Guard {
         if limits.source.is_none() && limits.workload.is_none() {
             return Some(Vec::new());
         }
-        let source = (self.principal.clone()).unwrap_or_else(|| self.source_ip.to_string());
+        let source = match &self.principal {
+            Some(p) => p.to_string(),
+            None => self.source_ip.to_string(),
+        };
         let workload = format!("{}/{}", self.workload.namespace, self.workload.name);
         match limits.acquire(&source, &workload) {
             Ok(permits) => Some(permits),
@@ -145,12 +148,15 @@ impl Guard {
         }
     }
 
-    /// The connection-level decision, before the destination is dialled.
+    /// The connection-level decision, before the destination is dialled; a refusal is also
+    /// counted among the inbound rejections (`policy_denied`).
     pub fn admit(&self) -> Admission {
         let d = self.decide(None);
         if self.record(&d, "l4", None) {
-            Admission::Dial
-        } else if self.protocol() == Protocol::Tcp {
+            return Admission::Dial;
+        }
+        self.ctx.metrics.reject(Direction::Inbound, "policy_denied");
+        if self.protocol() == Protocol::Tcp {
             Admission::Refuse
         } else {
             Admission::DenyRequests(d)
@@ -185,7 +191,7 @@ impl Guard {
         upstream: TcpStream,
     ) -> std::io::Result<(u64, u64)> {
         let mut changes = self.ctx.policy.tx.subscribe();
-        let work = self.clone().serve(downstream, upstream);
+        let work = self.serve(downstream, upstream);
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -206,7 +212,7 @@ impl Guard {
     }
 
     async fn serve(
-        self,
+        &self,
         downstream: Downstream,
         mut upstream: TcpStream,
     ) -> std::io::Result<(u64, u64)> {
@@ -221,7 +227,7 @@ impl Guard {
             }
             (protocol, downstream) => {
                 let layer = Layer {
-                    guard: self,
+                    guard: self.clone(),
                     name: protocol.as_str(),
                     refused: None,
                 };

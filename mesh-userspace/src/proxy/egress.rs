@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     config::{Egress, Ipv4Cidr, Workload},
-    policy::matcher::Pattern,
+    policy::{matcher::Pattern, rule::strip_port},
 };
 
 /// How long meshd waits for a client's first bytes when a rule needs its host name.
@@ -223,17 +223,6 @@ fn name_in(bytes: &[u8]) -> Name {
         }
         Ok(httparse::Status::Partial) => Name::NeedMore,
         Err(_) => Name::None,
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        Some((h, p))
-            if !h.ends_with(']') && !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            h
-        }
-        _ => host,
     }
 }
 

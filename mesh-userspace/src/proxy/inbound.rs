@@ -54,7 +54,6 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     };
     let admission = guard.admit();
     if let Admission::Refuse = admission {
-        ctx.metrics.reject(Direction::Inbound, "policy_denied");
         reset(&app);
         return;
     }
@@ -66,7 +65,6 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     );
     access.workload = Some(workload);
     if let Admission::DenyRequests(decision) = admission {
-        ctx.metrics.reject(Direction::Inbound, "policy_denied");
         let result = guard.deny_requests(decision, Downstream::Tcp(app)).await;
         return access.finish(&ctx, result);
     }

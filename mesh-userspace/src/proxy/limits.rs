@@ -104,14 +104,15 @@ impl Drop for Permit {
     }
 }
 
-/// Why a connection was refused, as counted.
-pub fn reason(scope: &'static str, what: &'static str) -> &'static str {
+/// Why a connection was refused, as counted: over a limit of `scope`, or (`keys`) one caller too
+/// many to track.
+fn reason(scope: &'static str, what: &'static str) -> &'static str {
     match (scope, what) {
+        (_, "keys") => "too_many_sources",
         ("source", "concurrency") => "source_connection_limit",
-        ("source", "rate") => "source_rate_limit",
-        ("workload", "concurrency") => "workload_connection_limit",
-        ("workload", "rate") => "workload_rate_limit",
-        _ => "too_many_sources",
+        ("source", _) => "source_rate_limit",
+        (_, "concurrency") => "workload_connection_limit",
+        _ => "workload_rate_limit",
     }
 }
 

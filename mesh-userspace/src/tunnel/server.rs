@@ -115,6 +115,8 @@ async fn connection(
         Ok(h2) => h2,
         Err(e) => return refuse("h2_handshake_failed", e.to_string()),
     };
+    // What policy calls the peer, made once per connection rather than per stream.
+    let principal: Arc<str> = crate::policy::principal_of(&peer_id.id).into();
     let who = Arc::new(peer_id);
     while let Some(stream) = h2.accept().await {
         match stream {
@@ -122,6 +124,7 @@ async fn connection(
                 let caller = Caller {
                     peer,
                     who: who.clone(),
+                    principal: principal.clone(),
                 };
                 tokio::spawn(stream_task(
                     request,
@@ -143,6 +146,8 @@ async fn connection(
 struct Caller {
     peer: SocketAddr,
     who: Arc<PeerIdentity>,
+    /// `who` as policy names principals.
+    principal: Arc<str>,
 }
 
 /// Why a CONNECT is refused, with its status.
@@ -179,7 +184,11 @@ async fn stream_task(
     ctx: Arc<Context>,
     scope: Scope,
 ) {
-    let Caller { peer, who } = caller;
+    let Caller {
+        peer,
+        who,
+        principal,
+    } = caller;
     let answer = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
             .status(status)
@@ -197,8 +206,13 @@ async fn stream_task(
             return;
         }
     };
-    let principal = Some(crate::policy::principal_of(&who.id));
-    let guard = Guard::new(ctx.clone(), workload.clone(), target, principal, peer.ip());
+    let guard = Guard::new(
+        ctx.clone(),
+        workload.clone(),
+        target,
+        Some(principal),
+        peer.ip(),
+    );
     let Some(_permits) = guard.limits() else {
         let _ = answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
         return;
@@ -206,7 +220,6 @@ async fn stream_task(
     let refused = match guard.admit() {
         Admission::Dial => None,
         Admission::Refuse => {
-            ctx.metrics.reject(Direction::Inbound, "policy_denied");
             let _ = answer(&mut respond, StatusCode::FORBIDDEN);
             return;
         }
@@ -221,7 +234,6 @@ async fn stream_task(
     access.workload = Some(workload);
     access.peer = Some(who);
     if let Some(decision) = refused {
-        ctx.metrics.reject(Direction::Inbound, "policy_denied");
         let result = match respond.send_response(ok(), false) {
             Ok(send) => {
                 let downstream = Downstream::Hbone(send, request.into_body());

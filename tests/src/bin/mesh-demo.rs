@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use testhosts::{
     policy::{start_policy_mesh_in, PolicyDir, POLICY_HEAD},
-    privileges, sibling_binary, MeshCa, Meshd, TestNet,
+    privileges, sibling_binary, MeshCa, Meshd, Process, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -80,17 +80,8 @@ fn main() -> Result<()> {
     println!(
         "\n== intruder on n0 (its own valid SVID, not named by the policy) connects to {target}"
     );
-    let mut intruder = net.workload(0, "intruder", &[&tool, "client", &target, "100", "1"])?;
-    let (status, out) = intruder.wait_output(WAIT)?;
-    println!(
-        "  client {}: {}",
-        outcome(status.success()),
-        out.lines().last().unwrap_or_default()
-    );
-    let denied = m1
-        .process
-        .expect_line_containing("denied by authorization policy", WAIT)?;
-    println!("  n1 meshd: {}", denied.trim());
+    let intruder = net.workload(0, "intruder", &[&tool, "client", &target, "100", "1"])?;
+    refused(intruder, &mut m1, "denied by authorization policy")?;
     for line in
         (m1.metrics(&net, 1)?.lines()).filter(|l| l.starts_with("meshd_policy_decisions_total{"))
     {
@@ -98,28 +89,26 @@ fn main() -> Result<()> {
     }
 
     println!("\n== n2 (no meshd) tries plaintext to {target}: PeerAuthentication is STRICT");
-    let mut outsider = net.host_process(2, &[&tool, "client", &target, "100", "1"])?;
-    let (status, out) = outsider.wait_output(WAIT)?;
-    println!(
-        "  client {}: {}",
-        outcome(status.success()),
-        out.lines().last().unwrap_or_default()
-    );
-    let refused = m1
-        .process
-        .expect_line_containing("plaintext connection refused", WAIT)?;
-    println!("  n1 meshd: {}", refused.trim());
+    let outsider = net.host_process(2, &[&tool, "client", &target, "100", "1"])?;
+    refused(outsider, &mut m1, "plaintext connection refused")?;
     println!("\n== done; namespaces, cgroups, links and rules are removed now");
     Ok(())
 }
 
-/// How a connection that must be refused went.
-fn outcome(succeeded: bool) -> &'static str {
-    if succeeded {
+/// Shows how a client that must be refused fared, and the line of the receiving meshd that
+/// says why (containing `why`).
+fn refused(mut client: Process, receiver: &mut Meshd, why: &str) -> Result<()> {
+    let (status, out) = client.wait_output(WAIT)?;
+    let outcome = if status.success() {
         "SUCCEEDED (unexpected)"
     } else {
         "refused"
-    }
+    };
+    let last = out.lines().last().unwrap_or_default();
+    println!("  client {outcome}: {last}");
+    let line = receiver.process.expect_line_containing(why, WAIT)?;
+    println!("  n1 meshd: {}", line.trim());
+    Ok(())
 }
 
 fn show(title: &str, meshd: &mut Meshd, needle: &str, count: usize) -> Result<()> {
