@@ -1,5 +1,7 @@
 //! `meshd run`: bind every listener first (a taken port fails before anything is attached),
-//! install the interception, serve until SIGTERM/SIGINT, then remove the interception.
+//! answer health and admin requests at once (not ready while starting), install the
+//! interception, serve until SIGTERM/SIGINT or `/quitquitquit`; then drain: not ready, no new
+//! connections, the open ones given up to the drain timeout; then remove the interception.
 
 use std::{
     collections::HashMap,
@@ -16,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    admin::{self, Endpoint},
+    admin::{self, dump::View, Port, State},
     config::{IdentitySettings, Validated},
     identity::{IdentityManager, IssuerFiles, SpiffeId},
     inpod::manager::{PodIdentity, PodManager},
@@ -44,7 +46,7 @@ fn listen(ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
     Ok(TcpListener::from_std(std)?)
 }
 
-pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
+pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<()> {
     crate::inpod::netns::remember_home().context("open meshd's own network namespace")?;
     match crate::sys::reserve_ports(&ports::ALL) {
         Ok(list) => tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use"),
@@ -52,24 +54,33 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
     }
     let outbound_listener = listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?;
     let inbound_listener = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
-    let metrics_listener = listen(Ipv4Addr::UNSPECIFIED, ports::METRICS)?;
-    let ready_listener = listen(Ipv4Addr::UNSPECIFIED, ports::READINESS)?;
     let hbone_listener = match cfg.identity {
         Some(_) => Some(listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?),
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
+    let state = State::new(metrics.clone());
+    let endpoints = [
+        (Ipv4Addr::UNSPECIFIED, ports::METRICS, Port::Metrics),
+        (Ipv4Addr::UNSPECIFIED, ports::READINESS, Port::Health),
+        (Ipv4Addr::LOCALHOST, ports::ADMIN, Port::Admin),
+    ];
+    for (ip, port, which) in endpoints {
+        tokio::spawn(admin::serve(listen(ip, port)?, state.clone(), which));
+    }
     // Before anything is installed: a broken policy file stops start-up cleanly.
     let policy = Arc::new(Live::load(cfg.policies.clone()).context("authorization policy")?);
     metrics.policies.set(policy.current().len() as i64);
     let (tunnels, hbone_tls, pod_identity) = match &cfg.identity {
         Some(identity) => {
             let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics)?;
+            state.health.set_identity(pods.manager.clone());
             (Some(tunnels), Some(tls), Some(pods))
         }
         None => (None, None, None),
     };
 
+    let bundle = pod_identity.as_ref().map(|p| p.bundle.clone());
     let interception: Arc<dyn Interception> = match mode {
         Mode::Ebpf => Arc::new(ebpf::install(&cfg, &inbound_listener)?),
         Mode::Iptables => Arc::new(iptables::install(&cfg)?),
@@ -110,11 +121,20 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         }
         None => None,
     };
+    let view = View {
+        ctx: ctx.clone(),
+        cfg: cfg.clone(),
+        pods: cni.as_ref().map(|(_, m)| m.clone()),
+        bundle,
+    };
+    let _ = state.view.set(view);
+    metrics.build_info(mode.as_str());
     // Start-up (the capability probe, loading and verifying programs, parsing certificates)
     // frees more than it keeps; hand those pages back so the resident size is what serving needs.
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
     let workloads: Vec<&str> = cfg.workloads.iter().map(|w| w.name.as_str()).collect();
+    state.health.serving();
     tracing::info!(%mode, workloads = ?workloads, inbound_ports = ?cfg.inbound_ports(),
         "meshd ready");
 
@@ -122,16 +142,18 @@ pub async fn run(mode: Mode, cfg: Validated) -> Result<()> {
         _ = proxy::accept_loop(outbound_listener, ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
         _ = proxy::accept_loop(inbound_listener, ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
         _ = serve_cni(cni) => Ok(()),
-        _ = admin::serve(
-            metrics_listener,
-            Endpoint::Metrics(metrics.clone(), interception.clone()),
-        ) => Ok(()),
-        _ = admin::serve(ready_listener, Endpoint::Ready) => Ok(()),
         _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
+        _ = state.quit.notified() => {
+            tracing::info!("shutting down: /quitquitquit");
+            Ok(())
+        }
     };
+    // The listeners above are closed: new connections are refused (never passed around meshd).
+    state.health.draining();
+    drain(&metrics, drain_timeout).await;
     tracing::info!(status = %interception.status(), "stopping");
     interception.uninstall().context("remove interception")?;
     tracing::info!("meshd stopped; interception removed");
@@ -209,6 +231,29 @@ async fn serve_hbone(
             tunnel::server::serve(listener, ctx, tls, Scope::default()).await
         }
         _ => std::future::pending().await,
+    }
+}
+
+/// Waits until no connection is open, or `timeout`; says how many were cut.
+async fn drain(metrics: &Metrics, timeout: Duration) {
+    let open = || metrics.open_connections();
+    let started = std::time::Instant::now();
+    if open() > 0 {
+        tracing::info!(
+            open = open(),
+            timeout_ms = timeout.as_millis() as u64,
+            "draining: waiting for open connections to finish"
+        );
+    }
+    while open() > 0 && started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match open() {
+        0 => tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained"),
+        n => tracing::warn!(
+            open = n,
+            "drain timeout: closing the connections still open"
+        ),
     }
 }
 

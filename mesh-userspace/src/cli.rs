@@ -54,6 +54,17 @@ pub enum Command {
         /// Configuration file (YAML).
         #[arg(long)]
         config: PathBuf,
+        /// On SIGTERM (or /quitquitquit), how long open connections may take to finish before
+        /// meshd closes them and exits, e.g. 30s. Readiness is 503 meanwhile.
+        #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
+        drain_timeout: std::time::Duration,
+    },
+    /// Print what a running meshd is doing (mode, readiness, workloads, pods, policies,
+    /// certificates), read from its admin API.
+    Status {
+        /// The admin API's address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
     },
     /// Probe the kernel capabilities each mode needs and say which mode `auto` would pick.
     Doctor,
@@ -211,7 +222,12 @@ pub fn resolve_mode(choice: ModeChoice, assume_missing: &[String]) -> Result<Mod
 }
 
 /// `meshd run`: validates the config, picks the mode, then runs the proxy until stopped.
-pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[String]) -> Result<()> {
+pub fn run(
+    choice: ModeChoice,
+    config: &std::path::Path,
+    assume_missing: &[String],
+    drain_timeout: std::time::Duration,
+) -> Result<()> {
     if !crate::sys::is_root() {
         bail!("meshd run needs root (it attaches eBPF programs or installs iptables rules)");
     }
@@ -231,7 +247,7 @@ pub fn run(choice: ModeChoice, config: &std::path::Path, assume_missing: &[Strin
     runtime
         .enable_all()
         .build()?
-        .block_on(crate::app::run(mode, cfg))
+        .block_on(crate::app::run(mode, cfg, drain_timeout))
 }
 
 /// `meshd install-cni`: the plugin binary is the `meshd-cni` installed beside meshd.

@@ -12,6 +12,7 @@ pub mod inpod;
 pub mod intercept;
 pub mod l7;
 pub mod logbuf;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

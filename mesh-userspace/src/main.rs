@@ -5,17 +5,7 @@ use meshd::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(meshd::logbuf::Stderr::start());
-    match cli.log_format {
-        cli::LogFormat::Json => logs.json().init(),
-        cli::LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
+    meshd::logging::init(&cli.log, cli.log_format);
     let result = match cli.command {
         Command::Doctor => cli::doctor(&cli.assume_missing),
         Command::Cleanup { pin_dir, state_dir } => meshd::cleanup::run(pin_dir, state_dir),
@@ -32,7 +22,12 @@ fn main() -> std::process::ExitCode {
             socket,
         } => cli::install_cni(&conf_dir, &bin_dir, &socket),
         Command::UninstallCni { conf_dir, bin_dir } => cli::uninstall_cni(&conf_dir, &bin_dir),
-        Command::Run { mode, config } => cli::run(mode, &config, &cli.assume_missing),
+        Command::Run {
+            mode,
+            config,
+            drain_timeout,
+        } => cli::run(mode, &config, &cli.assume_missing, drain_timeout),
+        Command::Status { admin } => meshd::admin::status::print(admin),
     };
     meshd::logbuf::flush();
     match result {

@@ -17,7 +17,7 @@ mod ports;
 
 pub use ports::{PortConfig, PortSpec, Protocol};
 
-pub use mesh::{Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth};
+pub use mesh::{parse_duration, Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth};
 
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,6 +257,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Its sockets to and from meshd go through the sk_msg bypass (ebpf mode).
     pub sk_msg_bypass: bool,
+    /// How telemetry names it (set once the trust domain is known).
+    pub party: crate::metrics::istio::Party,
 }
 
 impl Workload {
@@ -364,6 +366,10 @@ impl Config {
             .map_err(|reason| err("egress_policies", reason))?;
         let identity = self.identity.as_ref().map(|i| i.validate()).transpose()?;
         let mesh = self.mesh.validate()?;
+        let trust_domain = identity.as_ref().map(|i| i.trust_domain.as_str());
+        for w in &mut workloads {
+            w.party = crate::metrics::istio::Party::of(w, trust_domain);
+        }
         if identity.is_none() && !mesh.networks.is_empty() {
             return Err(err(
                 "mesh.networks",
@@ -453,6 +459,7 @@ impl WorkloadConfig {
                 .collect(),
             labels: self.labels.clone(),
             sk_msg_bypass: false,
+            party: crate::metrics::istio::Party::unknown(),
         })
     }
 }

@@ -61,6 +61,12 @@ impl IdentityManager {
         Ok(manager)
     }
 
+    /// The current SVID of every identity held.
+    pub fn svids(&self) -> Vec<Arc<Svid>> {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        certs.values().map(|rx| rx.borrow().clone()).collect()
+    }
+
     /// The live SVID channel of an identity.
     pub fn watch(&self, id: &SpiffeId) -> Option<watch::Receiver<Arc<Svid>>> {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());

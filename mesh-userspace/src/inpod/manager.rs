@@ -81,6 +81,14 @@ impl PodManager {
         }
     }
 
+    /// The pods served now, as the runtime described them.
+    pub async fn served(&self) -> Vec<PodInfo> {
+        let pods = self.pods.lock().await;
+        let mut list: Vec<PodInfo> = pods.values().map(|p| p.info.clone()).collect();
+        list.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        list
+    }
+
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.ctx.metrics
     }
@@ -261,7 +269,10 @@ impl PodServer {
             let _ = self.capture.remove();
             return;
         }
-        let workload = Arc::new(pod_workload(&info, &meta));
+        let mut workload = pod_workload(&info, &meta);
+        let trust_domain = self.identity.as_ref().map(|i| i.trust_domain.as_str());
+        workload.party = crate::metrics::istio::Party::of(&workload, trust_domain);
+        let workload = Arc::new(workload);
         let tunnels = match &self.identity {
             Some(id) => match self.pod_tls(id, &workload, &netns) {
                 Ok(t) => Some(t),
@@ -373,5 +384,6 @@ fn pod_workload(info: &PodInfo, meta: &PodMeta) -> Workload {
         protocols: meta.protocols.clone(),
         labels: meta.labels.clone(),
         sk_msg_bypass: false,
+        party: crate::metrics::istio::Party::unknown(),
     }
 }

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
 use super::h2io::{h2_to_io, poll_send_capacity, reason_of};
-use super::{RequestGate, Verdict, DENIED_BODY};
+use super::{Exchange, RequestGate, Verdict, DENIED_BODY};
 
 /// Concurrent streams the downstream client may open (SETTINGS_MAX_CONCURRENT_STREAMS).
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -171,16 +171,31 @@ async fn serve_stream(
     gate: Arc<dyn RequestGate>,
 ) {
     let (parts, body) = req.into_parts();
+    let decided = std::time::Instant::now();
+    let (method, uri) = (parts.method.clone(), parts.uri.clone());
+    let completed = |status, grpc_status, denied| {
+        gate.completed(&Exchange {
+            method: method.as_str(),
+            path: uri.path(),
+            status,
+            grpc_status,
+            denied,
+            elapsed: decided.elapsed(),
+        })
+    };
     if gate.decide(&parts) == Verdict::Deny {
         tracing::debug!(path = parts.uri.path(), "gRPC request denied");
         deny(&mut respond);
+        completed(200, Some(7), true);
         return;
     }
     let end = body.is_end_stream();
     let Some((resp_fut, up_send)) = open_upstream(client, parts, end, &mut respond).await else {
         return;
     };
-    proxy_exchange(body, respond, up_send, resp_fut).await;
+    if let Some((status, grpc_status)) = proxy_exchange(body, respond, up_send, resp_fut).await {
+        completed(status, grpc_status, false);
+    }
 }
 
 /// Answers a denied stream trailers-only with gRPC `PERMISSION_DENIED`.
@@ -256,28 +271,39 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Proxies one allowed exchange: request body up, response head and body down.
+/// Proxies one allowed exchange: request body up, response head and body down. Returns the
+/// response's status and its `grpc-status` (from the head of a trailers-only response, else
+/// from the trailers) once a response head went downstream.
 async fn proxy_exchange(
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
     up_send: SendStream<Bytes>,
     mut resp_fut: ResponseFuture,
-) {
+) -> Option<(u16, Option<u8>)> {
     let end = body.is_end_stream();
     let mut request = Pump::new(body, up_send, Dir::Request, end);
     let head = poll_fn(|cx| poll_head(cx, &mut request, &mut respond, &mut resp_fut)).await;
     let head = match head {
         Ok(head) => head,
-        Err(Fault::Downstream) => return request.send.send_reset(Reason::CANCEL),
-        Err(Fault::Upstream(reason)) => return respond.send_reset(reason),
+        Err(Fault::Downstream) => {
+            request.send.send_reset(Reason::CANCEL);
+            return None;
+        }
+        Err(Fault::Upstream(reason)) => {
+            respond.send_reset(reason);
+            return None;
+        }
     };
     let (parts, up_body) = head.into_parts();
+    let status = parts.status.as_u16();
+    let head_grpc_status = super::grpc_status(parts.headers.get("grpc-status"));
     let end = up_body.is_end_stream();
     let down_send = match respond.send_response(downstream_response(parts), end) {
         Ok(send) => send,
         Err(e) => {
             tracing::debug!(error = %e, "could not forward gRPC response head");
-            return request.send.send_reset(Reason::CANCEL);
+            request.send.send_reset(Reason::CANCEL);
+            return None;
         }
     };
     let mut response = Pump::new(up_body, down_send, Dir::Response, end);
@@ -287,6 +313,7 @@ async fn proxy_exchange(
         Err(Fault::Downstream) => request.send.send_reset(Reason::CANCEL),
         Err(Fault::Upstream(reason)) => response.send.send_reset(reason),
     }
+    Some((status, head_grpc_status.or(response.grpc_status)))
 }
 
 /// Forwards the request body while waiting for the upstream response head.
@@ -348,6 +375,8 @@ struct Pump {
     recv_ended: bool,
     /// END_STREAM has been forwarded (or the receiver asked us to stop sending).
     done: bool,
+    /// The `grpc-status` of the trailers forwarded, when valid.
+    grpc_status: Option<u8>,
 }
 
 impl Pump {
@@ -360,6 +389,7 @@ impl Pump {
             pending: Bytes::new(),
             recv_ended: done,
             done,
+            grpc_status: None,
         }
     }
 
@@ -411,6 +441,7 @@ impl Pump {
         let sent = match ready!(self.recv.poll_trailers(cx)) {
             Ok(Some(mut trailers)) => {
                 strip_connection_headers(&mut trailers);
+                self.grpc_status = super::grpc_status(trailers.get("grpc-status"));
                 self.send.send_trailers(trailers)
             }
             Ok(None) => self.send.send_data(Bytes::new(), true),

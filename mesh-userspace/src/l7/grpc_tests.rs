@@ -23,6 +23,8 @@ const CRASHES: &str = "/pkg.Svc/Crashes";
 #[derive(Default)]
 struct DenyForbidden {
     decisions: AtomicUsize,
+    /// (path, status, grpc-status) of each completed call.
+    completed: Mutex<Vec<(String, u16, Option<u8>)>>,
 }
 
 impl RequestGate for DenyForbidden {
@@ -37,6 +39,11 @@ impl RequestGate for DenyForbidden {
     }
 
     fn rejected(&self, _reason: &'static str) {}
+
+    fn completed(&self, e: &Exchange<'_>) {
+        let call = (e.path.to_string(), e.status, e.grpc_status);
+        self.completed.lock().unwrap().push(call);
+    }
 }
 
 /// What the fake upstream saw: paths of opened streams and "reset <path>" events.
@@ -218,6 +225,12 @@ async fn allow_deny_allow_on_one_connection() {
     assert_echoed(&call(&h.client, ALLOWED, b"second").await, b"second");
     assert_eq!(*h.log.lock().unwrap(), vec![ALLOWED, ALLOWED]);
     assert_eq!(h.gate.decisions.load(Ordering::SeqCst), 3);
+    let completed = h.gate.completed.lock().unwrap().clone();
+    let call = |path: &str, grpc| (path.to_string(), 200, Some(grpc));
+    assert_eq!(
+        completed,
+        [call(ALLOWED, 0), call(FORBIDDEN, 7), call(ALLOWED, 0)]
+    );
 }
 
 #[tokio::test]

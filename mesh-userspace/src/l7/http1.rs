@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use self::framing::{invalid, Body, Framing, Inbound, Out};
-use super::{RequestGate, Verdict};
+use super::{Exchange, RequestGate, Verdict};
 
 /// Largest request or response head accepted, request line and headers included.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -71,7 +71,7 @@ where
     let (up_read, up_write) = split(upstream);
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let requests = relay_requests(Inbound::new(down_read), Out::new(up_write), gate, tx);
-    let responses = relay_responses(Inbound::new(up_read), Out::new(down_write), rx);
+    let responses = relay_responses(Inbound::new(up_read), Out::new(down_write), rx, gate);
     tokio::try_join!(requests, responses)
 }
 
@@ -93,6 +93,10 @@ struct Expected {
     connect: bool,
     /// Upgrade or `CONNECT`: told whether the server switched protocols.
     switched: Option<oneshot::Sender<bool>>,
+    /// The request, for [`RequestGate::completed`].
+    method: Method,
+    uri: Uri,
+    decided: std::time::Instant,
 }
 
 /// One parsed request head, still in the inbound buffer.
@@ -155,8 +159,17 @@ where
                 return Ok(out.sent);
             }
         };
+        let decided = std::time::Instant::now();
         if gate.decide(&head.parts) == Verdict::Deny {
             debug!(method = %head.parts.method, uri = %head.parts.uri, "http1: request denied");
+            gate.completed(&Exchange {
+                method: head.parts.method.as_str(),
+                path: head.parts.uri.path(),
+                status: 403,
+                grpc_status: None,
+                denied: true,
+                elapsed: decided.elapsed(),
+            });
             let _ = tx.send(Pending::Deny).await;
             return Ok(out.sent);
         }
@@ -170,6 +183,9 @@ where
             head: head.parts.method == Method::HEAD,
             connect: head.parts.method == Method::CONNECT,
             switched,
+            method: head.parts.method.clone(),
+            uri: head.parts.uri.clone(),
+            decided,
         };
         if tx.send(Pending::Response(expected)).await.is_err() {
             return Ok(out.sent);
@@ -201,6 +217,7 @@ async fn relay_responses<R, W>(
     mut inbound: Inbound<R>,
     mut out: Out<W>,
     mut rx: mpsc::Receiver<Pending>,
+    gate: &dyn RequestGate,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -212,7 +229,7 @@ where
             Some(Pending::Deny) => FORBIDDEN,
             Some(Pending::Reject(answer)) => answer,
             Some(Pending::Response(expected)) => {
-                match relay_response(&mut inbound, &mut out, expected).await? {
+                match relay_response(&mut inbound, &mut out, expected, gate).await? {
                     Outcome::Done => continue,
                     Outcome::Switched | Outcome::Closed => {
                         return tunnel(&mut inbound, &mut out).await
@@ -253,6 +270,7 @@ async fn relay_response<R, W>(
     inbound: &mut Inbound<R>,
     out: &mut Out<W>,
     expected: Expected,
+    gate: &dyn RequestGate,
 ) -> io::Result<Outcome>
 where
     R: AsyncRead + Unpin,
@@ -262,11 +280,24 @@ where
         head,
         connect,
         mut switched,
+        method,
+        uri,
+        decided,
     } = expected;
     loop {
         let Some((len, status, body)) = read_response(inbound).await? else {
             return Ok(Outcome::Closed);
         };
+        if status >= 200 || (status == 101 && switched.is_some()) {
+            gate.completed(&Exchange {
+                method: method.as_str(),
+                path: uri.path(),
+                status,
+                grpc_status: None,
+                denied: false,
+                elapsed: decided.elapsed(),
+            });
+        }
         let accepted = match status {
             101 => switched.is_some(),
             200..=299 => connect,

@@ -25,6 +25,30 @@ pub trait RequestGate: Send + Sync {
     /// A request head that cannot be served: malformed or over the size limit. The filter has
     /// answered 400 and closes the connection.
     fn rejected(&self, reason: &'static str);
+    /// A decided request got its response head (the workload's, or meshd's own denial): for
+    /// request telemetry and the per-request access line.
+    fn completed(&self, exchange: &Exchange<'_>);
+}
+
+/// How one request ended.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The response's HTTP status (403 for a denied HTTP request, 200 for a denied gRPC call).
+    pub status: u16,
+    /// gRPC: the call's `grpc-status` (0-16) when the response carried a valid one.
+    pub grpc_status: Option<u8>,
+    /// The answer is meshd's denial (policy), not the workload's.
+    pub denied: bool,
+    /// From the decision on the request head to the response head (denials: about zero).
+    pub elapsed: std::time::Duration,
+}
+
+/// A `grpc-status` value as a status code: only the codes gRPC defines (0-16) count.
+pub fn grpc_status(value: Option<&http::HeaderValue>) -> Option<u8> {
+    let code: u8 = value?.to_str().ok()?.parse().ok()?;
+    (code <= 16).then_some(code)
 }
 
 /// The body of every denial, as Istio's proxies answer it.

@@ -180,6 +180,18 @@ impl PolicySet {
         self.count
     }
 
+    /// Every policy, by namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        let mut all: Vec<&Arc<Policy>> = (self.namespaces.values())
+            .flat_map(|ns| {
+                let selected = ns.by_label.values().flat_map(|v| v.values()).flatten();
+                ns.all.iter().chain(selected)
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        all.into_iter()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }

@@ -5,10 +5,7 @@
 
 use std::{
     net::{IpAddr, SocketAddrV4},
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
+    sync::Arc,
 };
 
 use bytes::Bytes;
@@ -18,11 +15,13 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{limits::Permit, Context};
+use prometheus_client::metrics::counter::Counter;
+
+use super::{counted::Counted, limits::Permit, Context};
 use crate::{
     config::{Protocol, Workload},
     l7::{self, h2io::H2Io, RequestGate},
-    metrics::{Direction, PolicyLabels},
+    metrics::{istio::Meter, Direction, PolicyLabels},
     policy::{
         query::namespace_of, query::normalize_path, Attrs, Decision, Http, Target, Unknown, Verdict,
     },
@@ -170,6 +169,7 @@ impl Guard {
         self,
         decision: Decision,
         downstream: Downstream,
+        meter: &Meter,
     ) -> std::io::Result<(u64, u64)> {
         // The filters get an upstream that never answers (and is never written to).
         let (upstream, _held) = tokio::io::duplex(64);
@@ -177,6 +177,7 @@ impl Guard {
             name: self.protocol().as_str(),
             guard: self,
             refused: Some(decision),
+            meter: meter.clone(),
         };
         let (_, to_caller) = layer.filter(downstream, upstream).await?;
         Ok((0, to_caller))
@@ -189,9 +190,10 @@ impl Guard {
         self,
         downstream: Downstream,
         upstream: TcpStream,
+        meter: &Meter,
     ) -> std::io::Result<(u64, u64)> {
         let mut changes = self.ctx.policy.tx.subscribe();
-        let work = self.serve(downstream, upstream);
+        let work = self.serve(downstream, upstream, meter);
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -215,21 +217,25 @@ impl Guard {
         &self,
         downstream: Downstream,
         mut upstream: TcpStream,
+        meter: &Meter,
     ) -> std::io::Result<(u64, u64)> {
         match (self.protocol(), downstream) {
             (Protocol::Tcp, Downstream::Hbone(send, recv)) => {
                 let ready = std::future::ready(Ok(recv));
-                let (to_peer, to_workload) = tunnel::bridge(&mut upstream, send, ready).await?;
+                let counts = (&meter.response, &meter.request);
+                let (to_peer, to_workload) =
+                    tunnel::bridge(&mut upstream, send, ready, counts).await?;
                 Ok((to_workload, to_peer))
             }
             (Protocol::Tcp, Downstream::Tcp(mut app)) => {
-                tokio::io::copy_bidirectional(&mut app, &mut upstream).await
+                super::copy_counted(&mut app, &mut upstream, meter).await
             }
             (protocol, downstream) => {
                 let layer = Layer {
                     guard: self.clone(),
                     name: protocol.as_str(),
                     refused: None,
+                    meter: meter.clone(),
                 };
                 layer.filter(downstream, upstream).await
             }
@@ -243,6 +249,8 @@ struct Layer {
     name: &'static str,
     /// The connection is refused: every request is denied with this decision.
     refused: Option<Decision>,
+    /// The connection's Istio counters.
+    meter: Meter,
 }
 
 impl Layer {
@@ -261,16 +269,17 @@ impl Layer {
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let upstream = Counted::new(upstream, self.meter.request.clone());
+        let downstream = Counted::new(downstream, self.meter.response.clone());
         if self.guard.protocol() == Protocol::Grpc {
             // The filter relays frames, not a byte stream: what is counted is the HTTP/2 bytes
             // written to the workload's connection and to the caller's.
-            let (to_workload, to_caller) =
-                (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-            let upstream = Counted::new(upstream, Arc::clone(&to_workload));
-            let downstream = Counted::new(downstream, Arc::clone(&to_caller));
+            let (to_workload, to_caller) = (Counter::default(), Counter::default());
+            let upstream = Counted::new(upstream, to_workload.clone());
+            let downstream = Counted::new(downstream, to_caller.clone());
             let layer: Arc<dyn RequestGate> = Arc::new(self);
             l7::grpc::filter(downstream, upstream, layer).await?;
-            return Ok((to_workload.load(Relaxed), to_caller.load(Relaxed)));
+            return Ok((to_workload.get(), to_caller.get()));
         }
         l7::http1::filter(downstream, upstream, &self).await
     }
@@ -306,55 +315,32 @@ impl RequestGate for Layer {
         tracing::warn!(workload = %self.guard.workload.name, dst = %self.guard.dst, reason,
             "request refused: 400");
     }
-}
 
-/// A stream that counts the bytes written to it.
-struct Counted<T> {
-    inner: T,
-    written: Arc<AtomicU64>,
-}
-
-impl<T> Counted<T> {
-    fn new(inner: T, written: Arc<AtomicU64>) -> Self {
-        Counted { inner, written }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &polled {
-            let n = *n as u64;
-            self.written.fetch_add(n, Relaxed);
-        }
-        polled
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    /// Istio's request metrics and one access line per request.
+    fn completed(&self, e: &l7::Exchange<'_>) {
+        let flags = if e.denied { "RBAC" } else { "-" };
+        let istio = &self.guard.ctx.metrics.istio;
+        istio.request(
+            &self.meter.labels,
+            e.status,
+            e.grpc_status,
+            flags,
+            e.elapsed,
+        );
+        tracing::info!(
+            target: crate::logbuf::ACCESS_TARGET,
+            layer = self.name,
+            workload = %self.guard.workload.name,
+            peer = self.guard.principal.as_deref().unwrap_or("-"),
+            src = %self.guard.source_ip,
+            dst = %self.guard.dst,
+            method = e.method,
+            path = e.path,
+            status = e.status,
+            grpc_status = e.grpc_status.map_or(-1, i32::from),
+            response_flags = flags,
+            duration_ms = e.elapsed.as_millis() as u64,
+            "request"
+        );
     }
 }

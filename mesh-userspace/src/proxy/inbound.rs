@@ -12,7 +12,13 @@ use super::{
     authz::{Admission, Downstream, Guard},
     labels, relay_plaintext, reset, Access, Context, Scope,
 };
-use crate::{config::MtlsMode, metrics::Direction};
+use crate::{
+    config::MtlsMode,
+    metrics::{
+        istio::{Party, TcpLabels},
+        Direction,
+    },
+};
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     let dst = match ctx.interception.inbound_dst(&app) {
@@ -57,15 +63,22 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         reset(&app);
         return;
     }
-    let mut access = Access::begin(
-        &ctx,
-        labels(&ctx, Direction::Inbound, "plaintext"),
-        dst,
-        src,
+    let protocol = workload.protocol(dst.port()).as_str();
+    let istio = TcpLabels::new(
+        "destination",
+        &Party::unknown(),
+        &workload.party,
+        protocol,
+        false,
     );
+    let labels = labels(&ctx, Direction::Inbound, "plaintext");
+    let mut access = Access::begin(&ctx, labels, dst, src, istio);
     access.workload = Some(workload);
     if let Admission::DenyRequests(decision) = admission {
-        let result = guard.deny_requests(decision, Downstream::Tcp(app)).await;
+        let downstream = Downstream::Tcp(app);
+        let result = guard
+            .deny_requests(decision, downstream, &access.meter)
+            .await;
         return access.finish(&ctx, result);
     }
     let delivery = Some((DELIVERY_SOURCE_IP.into(), guard));

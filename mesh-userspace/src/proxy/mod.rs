@@ -4,6 +4,7 @@
 //! log line, counters and the active gauge.
 
 pub mod authz;
+pub mod counted;
 pub mod egress;
 pub mod inbound;
 pub mod limits;
@@ -24,7 +25,10 @@ use crate::{
     config::{Egress, Ipv4Cidr, PeerAuth, Workload},
     inpod::netns::Netns,
     intercept::Interception,
-    metrics::{BytesLabels, ConnLabels, Direction, Metrics},
+    metrics::{
+        istio::{Meter, TcpLabels},
+        BytesLabels, ConnLabels, Direction, Metrics,
+    },
     registry::Registry,
     tls::verify::PeerIdentity,
     tunnel::pool::{ClientIdentity, Pool},
@@ -196,6 +200,11 @@ pub struct Access {
     /// Outbound HBONE: whether the server's identity was checked against the one expected at
     /// the destination (`verified`) or only against the trust domain.
     pub server_check: &'static str,
+    /// Envoy's response flag when the connection fails (`-` otherwise), for
+    /// `istio_tcp_connections_closed_total`.
+    pub flags: &'static str,
+    /// Its Istio counters: bytes are added to them as they flow.
+    pub meter: Meter,
     started: Instant,
     active: Gauge,
 }
@@ -206,10 +215,12 @@ impl Access {
         labels: ConnLabels,
         dst: SocketAddrV4,
         src: Option<SocketAddr>,
+        istio: TcpLabels,
     ) -> Access {
         ctx.metrics.connections.get_or_create(&labels).inc();
         let active = ctx.metrics.active.get_or_create(&labels).clone();
         active.inc();
+        ctx.metrics.connection_open(1);
         Access {
             labels,
             workload: None,
@@ -217,6 +228,8 @@ impl Access {
             src,
             dst,
             server_check: "-",
+            flags: "-",
+            meter: ctx.metrics.istio.open(istio),
             started: Instant::now(),
             active,
         }
@@ -225,6 +238,13 @@ impl Access {
     /// Counts the bytes and writes the access log line.
     pub fn finish(self, ctx: &Context, result: io::Result<(u64, u64)>) {
         self.active.dec();
+        ctx.metrics.connection_open(-1);
+        let mut closed = self.meter.labels;
+        closed.response_flags = match (&result, self.flags) {
+            (Err(_), "-") => "UC",
+            (_, flags) => flags,
+        };
+        ctx.metrics.istio.closed.get_or_create(&closed).inc();
         let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
         for (way, n) in [("sent", sent), ("received", received)] {
             let direction = self.labels.direction;
@@ -267,6 +287,7 @@ pub async fn relay_plaintext(
         Err(e) => {
             ctx.metrics
                 .reject(access.labels.direction, "upstream_connect_failed");
+            access.flags = "UF";
             tracing::warn!(direction = %access.labels.direction, dst = %access.dst, error = %e,
                 "cannot reach the destination; resetting the application's connection");
             reset(&app);
@@ -275,11 +296,28 @@ pub async fn relay_plaintext(
         }
     };
     access.src = access.src.or(app.peer_addr().ok());
+    let meter = &access.meter;
     let result = match guard {
-        Some(guard) => guard.carry(authz::Downstream::Tcp(app), upstream).await,
-        None => tokio::io::copy_bidirectional(&mut app, &mut upstream).await,
+        Some(guard) => {
+            guard
+                .carry(authz::Downstream::Tcp(app), upstream, meter)
+                .await
+        }
+        None => copy_counted(&mut app, &mut upstream, meter).await,
     };
     access.finish(ctx, result);
+}
+
+/// A byte copy both ways with half-close, counting as it goes: bytes written to `caller` are
+/// responses, bytes written to `destination` requests. Returns (requests, responses).
+pub async fn copy_counted(
+    caller: &mut TcpStream,
+    destination: &mut TcpStream,
+    meter: &Meter,
+) -> io::Result<(u64, u64)> {
+    let mut caller = counted::Counted::new(caller, meter.response.clone());
+    let mut destination = counted::Counted::new(destination, meter.request.clone());
+    tokio::io::copy_bidirectional(&mut caller, &mut destination).await
 }
 
 /// Labels for a connection of this meshd.

@@ -10,7 +10,10 @@ use tokio::net::TcpStream;
 use super::{labels, relay_plaintext, reset, Access, Context, Scope};
 use crate::{
     intercept::Origin,
-    metrics::Direction,
+    metrics::{
+        istio::{Party, TcpLabels},
+        Direction,
+    },
     tunnel::{self, pool::TunnelError},
 };
 
@@ -45,12 +48,10 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         reset(&app);
         return;
     }
-    let mut access = Access::begin(
-        &ctx,
-        labels(&ctx, Direction::Outbound, "plaintext"),
-        dst,
-        None,
-    );
+    let source = workload.map_or_else(Party::unknown, |w| w.party.clone());
+    let istio = TcpLabels::new("source", &source, &Party::unknown(), "tcp", false);
+    let labels = labels(&ctx, Direction::Outbound, "plaintext");
+    let mut access = Access::begin(&ctx, labels, dst, None, istio);
     access.workload = origin.workload;
     relay_plaintext(&ctx, app, access, None, &scope).await;
 }
@@ -70,14 +71,15 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         reset(&app);
         return;
     };
-    let mut access = Access::begin(
-        ctx,
-        labels(ctx, Direction::Outbound, "hbone"),
-        origin.dst,
-        app.peer_addr().ok(),
-    );
-    access.workload = origin.workload.clone();
     let expected = ctx.registry.expected(*origin.dst.ip());
+    let source = (origin.workload.as_deref()).map_or_else(Party::unknown, |w| w.party.clone());
+    let destination = expected
+        .as_ref()
+        .map_or_else(Party::unknown, Party::from_principal);
+    let istio = TcpLabels::new("source", &source, &destination, "tcp", true);
+    let labels = labels(ctx, Direction::Outbound, "hbone");
+    let mut access = Access::begin(ctx, labels, origin.dst, app.peer_addr().ok(), istio);
+    access.workload = origin.workload.clone();
     access.server_check = if expected.is_some() {
         "verified"
     } else {
@@ -90,7 +92,9 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
     let result = match opened {
         Ok(o) => {
             access.peer = Some(o.server);
-            tunnel::bridge(&mut app, o.send, tunnel::pool::response_body(o.response)).await
+            let body = tunnel::pool::response_body(o.response);
+            let counts = (&access.meter.request, &access.meter.response);
+            tunnel::bridge(&mut app, o.send, body, counts).await
         }
         Err(e) => Err(std::io::Error::other(e)),
     };
@@ -102,6 +106,7 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
             .and_then(|inner| inner.downcast_ref::<TunnelError>());
         let reason = tunnel_error.map_or("tunnel_stream_error", TunnelError::reason);
         ctx.metrics.reject(Direction::Outbound, reason);
+        access.flags = tunnel_error.map_or("UC", TunnelError::response_flag);
         tracing::warn!(dst = %origin.dst, error = %e, reason,
             "tunnel failed; resetting the application's connection");
         reset(&app);

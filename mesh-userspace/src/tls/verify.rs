@@ -72,9 +72,32 @@ pub struct Revocation {
     pub crl_files: Vec<std::path::PathBuf>,
 }
 
+/// A root of the trust bundle, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct RootSummary {
+    pub subject: String,
+    /// Lowercase hex.
+    pub serial: String,
+    pub not_after: std::time::SystemTime,
+}
+
+impl RootSummary {
+    fn of(der: &CertificateDer<'_>) -> Option<RootSummary> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let not_after = cert.validity().not_after.timestamp();
+        Some(RootSummary {
+            subject: cert.subject().to_string(),
+            serial: crate::identity::serial_hex(cert.raw_serial()),
+            not_after: std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(not_after.max(0) as u64),
+        })
+    }
+}
+
 pub struct TrustBundle {
     trust_domain: String,
     anchors: Vec<TrustAnchor<'static>>,
+    roots: Vec<RootSummary>,
     crls: Vec<webpki::CertRevocationList<'static>>,
     denied_ids: HashSet<String>,
     denied_serials: HashSet<String>,
@@ -99,6 +122,7 @@ impl TrustBundle {
         revocation: &Revocation,
     ) -> Result<Self> {
         let mut anchors = Vec::new();
+        let mut roots = Vec::new();
         for file in root_files {
             let file = file.as_ref();
             let pem = std::fs::read_to_string(file)
@@ -107,6 +131,7 @@ impl TrustBundle {
                 let anchor = webpki::anchor_from_trusted_cert(&cert)
                     .with_context(|| format!("{}: not a usable root", file.display()))?;
                 anchors.push(anchor.to_owned());
+                roots.extend(RootSummary::of(&cert));
             }
         }
         anyhow::ensure!(
@@ -121,6 +146,7 @@ impl TrustBundle {
         Ok(TrustBundle {
             trust_domain: trust_domain.to_string(),
             anchors,
+            roots,
             crls,
             denied_ids: revocation.spiffe_ids.iter().cloned().collect(),
             denied_serials: revocation
@@ -129,6 +155,11 @@ impl TrustBundle {
                 .map(|s| normalise_serial(s))
                 .collect(),
         })
+    }
+
+    /// The roots, for display.
+    pub fn roots(&self) -> &[RootSummary] {
+        &self.roots
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -11,6 +11,7 @@ use std::{future::poll_fn, io};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
     net::{tcp::ReadHalf, TcpStream},
@@ -37,19 +38,21 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// Copies `tcp` <-> (`send`, the stream `recv` resolves to) until both directions end;
-/// returns bytes (tcp->stream, stream->tcp). `recv` may still be pending (the client side
-/// sends before the peer's 200 arrives); if it fails, so does the bridge.
+/// returns bytes (tcp->stream, stream->tcp), and adds them to `counts` (tcp->stream,
+/// stream->tcp) as they flow. `recv` may still be pending (the client side sends before the
+/// peer's 200 arrives); if it fails, so does the bridge.
 pub async fn bridge(
     tcp: &mut TcpStream,
     send: SendStream<Bytes>,
     recv: impl std::future::Future<Output = io::Result<RecvStream>>,
+    counts: (&Counter, &Counter),
 ) -> io::Result<(u64, u64)> {
     let (mut rd, mut wr) = tcp.split();
     let from_peer = async {
         let recv = recv.await?;
-        from_stream(recv, &mut wr).await
+        from_stream(recv, &mut wr, counts.1).await
     };
-    let up = to_stream(&mut rd, send);
+    let up = to_stream(&mut rd, send, counts.0);
     tokio::pin!(up, from_peer);
     tokio::select! {
         sent = &mut up => match sent {
@@ -74,7 +77,11 @@ const PEER_VERDICT_GRACE: std::time::Duration = std::time::Duration::from_millis
 /// Application bytes into the stream. A read buffer exists only while the socket has data:
 /// the task waits for readability first and allocates then, so an idle connection (most of
 /// them, most of the time) holds no buffer.
-async fn to_stream(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>) -> io::Result<u64> {
+async fn to_stream(
+    rd: &mut ReadHalf<'_>,
+    mut send: SendStream<Bytes>,
+    count: &Counter,
+) -> io::Result<u64> {
     let mut want = READ_MIN;
     let mut total = 0u64;
     loop {
@@ -96,6 +103,7 @@ async fn to_stream(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>) -> io::Re
         };
         let mut data = buf.freeze();
         total += data.len() as u64;
+        count.inc_by(data.len() as u64);
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -108,12 +116,17 @@ async fn to_stream(rd: &mut ReadHalf<'_>, mut send: SendStream<Bytes>) -> io::Re
     }
 }
 
-async fn from_stream(mut recv: RecvStream, wr: &mut (impl AsyncWrite + Unpin)) -> io::Result<u64> {
+async fn from_stream(
+    mut recv: RecvStream,
+    wr: &mut (impl AsyncWrite + Unpin),
+    count: &Counter,
+) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_io)?;
         wr.write_all(&chunk).await?;
         total += chunk.len() as u64;
+        count.inc_by(chunk.len() as u64);
         let _ = recv.flow_control().release_capacity(chunk.len());
     }
     wr.shutdown().await?;

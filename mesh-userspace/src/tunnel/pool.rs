@@ -93,6 +93,18 @@ impl TunnelError {
             TunnelError::Refused(_) => "tunnel_refused",
         }
     }
+
+    /// Envoy's response flag for it: `UF` the peer could not be reached or verified, `RBAC`
+    /// its policy refused the stream (403), `UO` a limit did (429), `UC` the stream broke.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            TunnelError::Connect(_) | TunnelError::Handshake(..) | TunnelError::Config(_) => "UF",
+            TunnelError::Refused(s) if *s == http::StatusCode::FORBIDDEN => "RBAC",
+            TunnelError::Refused(s) if *s == http::StatusCode::TOO_MANY_REQUESTS => "UO",
+            TunnelError::Refused(_) => "NR",
+            TunnelError::H2(_) => "UC",
+        }
+    }
 }
 
 struct Pooled {

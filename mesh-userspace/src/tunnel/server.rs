@@ -20,7 +20,10 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
-    metrics::Direction,
+    metrics::{
+        istio::{Party, TcpLabels},
+        Direction,
+    },
     proxy::{
         authz::{Admission, Downstream, Guard},
         dial, labels, Access, Context, Scope,
@@ -117,6 +120,7 @@ async fn connection(
     };
     // What policy calls the peer, made once per connection rather than per stream.
     let principal: Arc<str> = crate::policy::principal_of(&peer_id.id).into();
+    let source = Arc::new(Party::from_principal(&peer_id.id));
     let who = Arc::new(peer_id);
     while let Some(stream) = h2.accept().await {
         match stream {
@@ -125,6 +129,7 @@ async fn connection(
                     peer,
                     who: who.clone(),
                     principal: principal.clone(),
+                    source: source.clone(),
                 };
                 tokio::spawn(stream_task(
                     request,
@@ -148,6 +153,8 @@ struct Caller {
     who: Arc<PeerIdentity>,
     /// `who` as policy names principals.
     principal: Arc<str>,
+    /// `who` as telemetry names it.
+    source: Arc<Party>,
 }
 
 /// Why a CONNECT is refused, with its status.
@@ -188,6 +195,7 @@ async fn stream_task(
         peer,
         who,
         principal,
+        source,
     } = caller;
     let answer = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -225,19 +233,19 @@ async fn stream_task(
         }
         Admission::DenyRequests(decision) => Some(decision),
     };
-    let mut access = Access::begin(
-        &ctx,
-        labels(&ctx, Direction::Inbound, "hbone"),
-        target,
-        Some(peer),
-    );
+    let protocol = workload.protocol(target.port()).as_str();
+    let istio = TcpLabels::new("destination", &source, &workload.party, protocol, true);
+    let labels = labels(&ctx, Direction::Inbound, "hbone");
+    let mut access = Access::begin(&ctx, labels, target, Some(peer), istio);
     access.workload = Some(workload);
     access.peer = Some(who);
     if let Some(decision) = refused {
         let result = match respond.send_response(ok(), false) {
             Ok(send) => {
                 let downstream = Downstream::Hbone(send, request.into_body());
-                guard.deny_requests(decision, downstream).await
+                guard
+                    .deny_requests(decision, downstream, &access.meter)
+                    .await
             }
             Err(e) => Err(std::io::Error::other(e)),
         };
@@ -249,6 +257,7 @@ async fn stream_task(
         Err(e) => {
             ctx.metrics
                 .reject(Direction::Inbound, "upstream_connect_failed");
+            access.flags = "UF";
             let _ = answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             access.finish(&ctx, Err(e));
             return;
@@ -257,7 +266,7 @@ async fn stream_task(
     let result = match respond.send_response(ok(), false) {
         Ok(send) => {
             let downstream = Downstream::Hbone(send, request.into_body());
-            guard.carry(downstream, upstream).await
+            guard.carry(downstream, upstream, &access.meter).await
         }
         Err(e) => Err(std::io::Error::other(e)),
     };

@@ -10,7 +10,7 @@ use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
 
 use super::{filter, MAX_HEAD};
-use crate::l7::{RequestGate, Verdict, DENIED_BODY};
+use crate::l7::{Exchange, RequestGate, Verdict, DENIED_BODY};
 
 const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\n\
 content-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
@@ -20,6 +20,8 @@ content-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
 struct FakeGate {
     heads: Mutex<Vec<Parts>>,
     rejected: Mutex<Vec<&'static str>>,
+    /// "METHOD PATH STATUS" of each completed request.
+    completed: Mutex<Vec<String>>,
 }
 
 impl RequestGate for FakeGate {
@@ -34,6 +36,11 @@ impl RequestGate for FakeGate {
 
     fn rejected(&self, reason: &'static str) {
         self.rejected.lock().unwrap().push(reason);
+    }
+
+    fn completed(&self, e: &Exchange<'_>) {
+        let line = format!("{} {} {}", e.method, e.path, e.status);
+        self.completed.lock().unwrap().push(line);
     }
 }
 
@@ -164,6 +171,9 @@ async fn pipelined_denied_request_answered_after_earlier_response() {
         assert_eq!(h.gate.paths(), ["/ok", "/admin/x"]);
         let counts = h.filter.await.unwrap().unwrap();
         assert_eq!(counts, (req1.len() as u64, answer.len() as u64));
+        let mut completed = h.gate.completed.lock().unwrap().clone();
+        completed.sort();
+        assert_eq!(completed, ["GET /admin/x 403", "GET /ok 200"]);
     })
     .await;
 }

@@ -1,5 +1,8 @@
-//! Prometheus metrics (served on :15020 at /metrics). Every connection meshd handles and every
-//! one it refuses is counted here, with the reason.
+//! Prometheus metrics (served on :15020 at /metrics): Istio's standard metrics
+//! ([`istio`]) and meshd's own (`meshd_*`). Every connection meshd handles and every one it
+//! refuses is counted here, with the reason.
+
+pub mod istio;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
@@ -79,6 +82,13 @@ pub struct EventLabels {
 
 pub struct Metrics {
     registry: Registry,
+    pub istio: istio::Istio,
+    /// Seconds until each local identity's SVID expires (set at each scrape).
+    pub certificate_expiry: Family<IdentityLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// `meshd_build_info`: version and interception mode.
+    pub build: Family<BuildLabels, Gauge>,
+    /// Connections open now, whatever their labels (what draining waits for).
+    open: std::sync::atomic::AtomicI64,
     pub connections: Family<ConnLabels, Counter>,
     pub rejected: Family<RejectLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
@@ -109,6 +119,17 @@ pub struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub spiffe_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodEventLabels {
     pub op: &'static str,
     pub result: &'static str,
@@ -116,8 +137,14 @@ pub struct PodEventLabels {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("meshd");
+        let mut root = Registry::default();
+        let istio = istio::Istio::register(&mut root);
+        let registry = root.sub_registry_with_prefix("meshd");
         let m = Metrics {
+            istio,
+            certificate_expiry: Family::default(),
+            build: Family::default(),
+            open: Default::default(),
             connections: Family::default(),
             rejected: Family::default(),
             bytes: Family::default(),
@@ -205,7 +232,20 @@ impl Default for Metrics {
             "Authorization policies in force",
             m.policies.clone(),
         );
-        Metrics { registry, ..m }
+        registry.register(
+            "build_info",
+            "1, labelled with meshd's version and interception mode",
+            m.build.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the SVID of each local identity expires (renewed at half life)",
+            m.certificate_expiry.clone(),
+        );
+        Metrics {
+            registry: root,
+            ..m
+        }
     }
 }
 
@@ -243,6 +283,14 @@ impl Metrics {
         self.policy_decisions.get_or_create(&labels).inc();
     }
 
+    /// `meshd_build_info{version,mode} 1`, once the interception mode is known.
+    pub fn build_info(&self, mode: &'static str) {
+        let version = env!("CARGO_PKG_VERSION");
+        self.build
+            .get_or_create(&BuildLabels { version, mode })
+            .set(1);
+    }
+
     pub fn policy_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "rejected" };
         self.policy_reloads
@@ -265,6 +313,33 @@ impl Metrics {
             let labels = EventLabels { event };
             self.bpf_events.get_or_create(&labels).set(count as i64);
         }
+    }
+
+    /// Sets `meshd_certificate_expiry_seconds` from the SVIDs held now; identities no longer
+    /// held (pods gone) leave the family.
+    pub fn refresh_certificates(&self, svids: &[std::sync::Arc<crate::identity::Svid>]) {
+        self.certificate_expiry.clear();
+        let now = std::time::SystemTime::now();
+        for s in svids {
+            let left = match s.not_after.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            let labels = IdentityLabels {
+                spiffe_id: s.id.to_string(),
+            };
+            self.certificate_expiry.get_or_create(&labels).set(left);
+        }
+    }
+
+    /// A connection opened (`+1`) or closed (`-1`).
+    pub fn connection_open(&self, delta: i64) {
+        self.open
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn open_connections(&self) -> i64 {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn render(&self) -> String {
