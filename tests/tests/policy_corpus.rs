@@ -81,7 +81,7 @@ impl Case {
 /// Runs every case of `cases` (policy paths relative to `dir`); returns the failures, described.
 fn run(dir: &Path, cases: &str) -> (usize, Vec<String>) {
     let text = std::fs::read_to_string(corpus().join(cases)).unwrap();
-    let entries: Vec<Entry> = serde_yaml::from_str(&text).expect("cases.yaml parses");
+    let entries: Vec<Entry> = serde_yaml_ng::from_str(&text).expect("cases.yaml parses");
     let mut failures = Vec::new();
     let mut count = 0;
     for entry in entries {

@@ -113,7 +113,7 @@ pub struct Metadata {
 #[serde(deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
-    pub selector: Option<serde_yaml::Value>,
+    pub selector: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     pub mtls: Option<Mtls>,
     #[serde(rename = "portLevelMtls", default)]
@@ -323,7 +323,7 @@ mod tests {
     use super::*;
 
     fn docs(yaml: &str) -> Vec<PeerAuthenticationDoc> {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_yaml_ng::from_str(yaml).unwrap()
     }
 
     #[test]

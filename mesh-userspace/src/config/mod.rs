@@ -312,7 +312,7 @@ pub fn load(path: &Path, cgroup_root: &Path) -> Result<Validated, ConfigError> {
 }
 
 pub fn parse(text: &str, cgroup_root: &Path) -> Result<Validated, ConfigError> {
-    let config: Config = serde_yaml::from_str(text).map_err(|e| {
+    let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
         let at = e
             .location()
             .map(|l| format!("line {} column {}", l.line(), l.column()))
@@ -570,7 +570,7 @@ mod tests {
     #[test]
     fn the_example_config_parses() {
         let text = include_str!("../../../examples/meshd.yaml");
-        let config: Config = serde_yaml::from_str(text).expect("examples/meshd.yaml");
+        let config: Config = serde_yaml_ng::from_str(text).expect("examples/meshd.yaml");
         assert_eq!(config.workloads[0].ports[1].protocol(), Protocol::Http);
         assert_eq!(config.workloads[0].labels["app"], "checkout");
         crate::proxy::egress::EgressPolicies::new(&config.egress_policies).unwrap();

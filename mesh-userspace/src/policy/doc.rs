@@ -67,7 +67,7 @@ struct Doc {
     /// What `kubectl get -o yaml` adds; never read.
     #[serde(default)]
     #[allow(dead_code)]
-    status: Option<serde_yaml::Value>,
+    status: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,13 +90,13 @@ struct Spec {
     #[serde(default)]
     selector: Option<Selector>,
     #[serde(default)]
-    target_ref: Option<serde_yaml::Value>,
+    target_ref: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    target_refs: Option<serde_yaml::Value>,
+    target_refs: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     action: Option<String>,
     #[serde(default)]
-    provider: Option<serde_yaml::Value>,
+    provider: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     rules: Option<Vec<RuleDoc>>,
 }
@@ -241,18 +241,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Policy>, PolicyError> {
             line: Some(line),
             message,
         };
-        let yaml_error = |e: serde_yaml::Error| {
+        let yaml_error = |e: serde_yaml_ng::Error| {
             let line = e.location().map_or(0, |l| l.line() - 1);
             let text = e.to_string();
             // The position is given as a file line instead of the document's.
             let text = text.split(" at line ").next().unwrap_or(&text).to_string();
             fail(start + line, text)
         };
-        let value: serde_yaml::Value = serde_yaml::from_str(&chunk).map_err(yaml_error)?;
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunk).map_err(yaml_error)?;
         if value.is_null() {
             continue;
         }
-        let doc: Doc = serde_yaml::from_str(&chunk).map_err(yaml_error)?;
+        let doc: Doc = serde_yaml_ng::from_str(&chunk).map_err(yaml_error)?;
         let origin = Origin {
             file: file.to_path_buf(),
             line: start,

@@ -130,7 +130,10 @@ pub fn explain(q: &Question) -> Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
-            Some(serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?)
+            Some(
+                serde_yaml_ng::from_str(&text)
+                    .with_context(|| format!("parse {}", path.display()))?,
+            )
         }
         None => None,
     };
