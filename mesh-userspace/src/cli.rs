@@ -1,4 +1,6 @@
-//! The command line: `meshd run | doctor | cleanup`.
+//! The command line: `meshd run | doctor | cleanup | ...`.
+
+mod docs;
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +11,8 @@ use crate::{
     doctor,
     intercept::{Mode, ModeChoice},
 };
+
+pub use docs::{completions, man};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshd", version, about = "Node-level transparent mTLS proxy")]
@@ -70,6 +74,15 @@ pub enum Command {
     Doctor,
     /// Print meshd's version.
     Version,
+    /// Print a shell completion script for meshd to stdout, e.g.
+    /// `meshd completions bash > /etc/bash_completion.d/meshd`.
+    Completions {
+        /// The shell to complete meshd's commands and flags in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print meshd's man page (roff, section 1) to stdout, e.g. `meshd man > meshd.1`.
+    Man,
     /// Remove every program, link, pinned object and rule meshd made (after a crash).
     Cleanup {
         /// The pin directory meshd used (`proxy.pin_dir`); default `<bpffs>/meshd`.

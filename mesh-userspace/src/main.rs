@@ -14,6 +14,8 @@ fn main() -> std::process::ExitCode {
             println!("meshd {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Completions { shell } => cli::completions(shell),
+        Command::Man => cli::man(),
         Command::Ca(command) => cli::ca(command),
         Command::Policy(command) => cli::policy(command),
         Command::InstallCni {
