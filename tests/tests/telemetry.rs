@@ -1,11 +1,16 @@
 //! Operating meshd: Istio's standard metrics read as Prometheus reads them (a text-format
 //! parser), with bytes counted while a connection is still open; the admin API's config dump,
 //! run-time log level and `meshd status`; readiness that turns 503 while meshd drains, and a
-//! connection open at SIGTERM that is still served until it finishes.
+//! connection open at SIGTERM that is still served until it finishes; the /graph page in
+//! headless Chromium.
 
 use std::time::Duration;
 
-use testhosts::{meshd_bin, require_privileges, start_checkout_orders, MeshCa, Meshd, TestNet};
+use testhosts::{
+    meshd_bin,
+    policy::{start_policy_mesh, PolicyDir, HTTP_SERVER, POLICY_HEAD},
+    require_privileges, start_checkout_orders, MeshCa, Meshd, TestNet,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -215,4 +220,95 @@ fn admin_api_dumps_config_changes_log_level_and_drains_on_sigterm() {
     let (exit, log) = a.process.wait_output(WAIT).unwrap();
     assert!(exit.success(), "{log}");
     assert!(log.contains("drained"), "{log}");
+}
+
+/// The /graph page in headless Chromium: it draws the edges the test made (www to db over mTLS,
+/// auth to db denied by policy), read back from the page's DOM; a screenshot is kept in
+/// `target/tmp/graph.png`.
+#[test]
+fn graph_page_in_headless_chromium_shows_the_edges_and_denials() {
+    require_privileges!();
+    require_privileges!(testhosts::require_tools(&["chromium", "curl"]).map_err(|e| e.to_string()));
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let dir = PolicyDir::new(&net).unwrap();
+    dir.put(
+        "www-to-db.yaml",
+        &format!(
+            "{POLICY_HEAD}metadata: {{name: www-to-db, namespace: default}}\nspec:\n  \
+             selector: {{matchLabels: {{app: db}}}}\n  action: ALLOW\n  rules:\n  \
+             - from: [{{source: {{principals: [cluster.local/ns/default/sa/www]}}}}]\n"
+        ),
+    );
+    let mut db = net
+        .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
+        .unwrap();
+    db.expect_line("ready", WAIT).unwrap();
+    let ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db}\n";
+    let (_a, _b) = start_policy_mesh(&net, &ca, &["www", "auth"], ("db", ports), &dir, "").unwrap();
+    let url = format!("http://{}:8080/items", net.node(1).addr);
+    for (who, expect) in [("www", "[200]"), ("auth", "[403]")] {
+        let argv = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "[%{http_code}]",
+            &url,
+        ];
+        let (_, out) = net
+            .workload(0, who, &argv)
+            .unwrap()
+            .wait_output(WAIT)
+            .unwrap();
+        assert!(out.ends_with(expect), "{who}: {out}");
+    }
+
+    let profile = format!("/tmp/{}-chromium", net.id());
+    let chromium = |extra: &[&str]| {
+        let mut argv = vec![
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+        ];
+        let data = format!("--user-data-dir={profile}");
+        argv.push(&data);
+        argv.extend_from_slice(extra);
+        argv.push("http://127.0.0.1:15000/graph");
+        let out = net.exec(1, &argv);
+        out.unwrap()
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let shot = format!("{}/graph.png", env!("CARGO_TARGET_TMPDIR"));
+    chromium(&[&format!("--screenshot={shot}"), "--window-size=1000,900"]);
+    let _ = std::fs::remove_dir_all(&profile);
+
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page never loaded /graph.json:\n{dom}"
+    );
+    let row = |source: &str| {
+        let start = dom
+            .find(&format!("<tr class=\"edge\" data-source=\"{source}\""))
+            .unwrap_or_else(|| panic!("no edge from {source} in the page:\n{dom}"));
+        let end = start + dom[start..].find("</tr>").unwrap();
+        dom[start..end].to_string()
+    };
+    let www = row("spiffe://cluster.local/ns/default/sa/www");
+    assert!(
+        www.contains("data-destination=\"default/db\"") && www.contains("data-mtls=\"true\""),
+        "{www}"
+    );
+    assert!(!www.contains("num denied"), "www was never denied: {www}");
+    let auth = row("spiffe://cluster.local/ns/default/sa/auth");
+    assert!(
+        auth.contains("<td class=\"num denied\">1</td>"),
+        "auth's request was denied: {auth}"
+    );
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
 }

@@ -156,7 +156,12 @@ fn bench(short: bool) -> Result<()> {
     if short {
         args.push("--short");
     }
-    cmd::run("target/release/mesh-bench", &args)?;
+    // Without a backtrace an error is the last thing printed, where a truncated CI log shows it.
+    let mut run = cmd::command("target/release/mesh-bench");
+    run.args(&args)
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0");
+    cmd::status(run)?;
     if !short {
         readme_table(&std::fs::read_to_string("bench/results.md")?)?;
     }

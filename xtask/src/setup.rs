@@ -53,6 +53,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("catatonit", "podman's pod infra container init"),
     ("busybox-static", "the pod tests' container image"),
+    (
+        "chromium",
+        "the admin /graph page is checked in headless Chromium",
+    ),
 ];
 
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.

@@ -4,11 +4,13 @@
 //!   reason) and `/healthz/live` (200 while the process serves);
 //! - 127.0.0.1:15000, the admin API: `/config_dump` (JSON), `/logging` (GET: the filter in
 //!   force; POST `?level=SPEC`: a new tracing filter at run time), `POST /quitquitquit` (stop,
-//!   draining as SIGTERM does), and the readiness and metrics paths.
+//!   draining as SIGTERM does), `/graph` (a live service graph page) and `/graph.json` (its
+//!   edges), and the readiness and metrics paths.
 //!
 //! Anything else gets a 4xx; a request that does not arrive within 5 s is dropped.
 
 pub mod dump;
+pub mod graph;
 pub mod health;
 pub mod status;
 
@@ -76,6 +78,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 /// What prometheus-client writes: OpenMetrics text (counters end in `_total`, `# EOF`).
 const PROMETHEUS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
 
 async fn answer(mut conn: TcpStream, state: &State, port: Port) -> std::io::Result<()> {
     let Some(head) = read_head(&mut conn).await? else {
@@ -129,6 +132,8 @@ async fn route(state: &State, port: Port, method: &str, path: &str, query: &str)
             ok(JSON, format!("{dump:#}\n"))
         }
         (Port::Admin, "GET", "/logging") => ok(TEXT, format!("{}\n", crate::logging::filter())),
+        (Port::Admin, "GET", "/graph") => ok(HTML, graph::PAGE.into()),
+        (Port::Admin, "GET", "/graph.json") => ok(JSON, graph::edges(&metrics(state)).to_string()),
         (Port::Admin, "POST", "/logging") => logging(query),
         (Port::Admin, "POST", "/quitquitquit") => {
             state.quit.notify_one();

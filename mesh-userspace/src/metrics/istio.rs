@@ -244,6 +244,14 @@ impl Istio {
         self.duration.get_or_create(&labels).observe(ms);
     }
 
+    /// A connection refused before it was carried (a policy denial, a limit): opened and
+    /// closed at once, the close with `flags`.
+    pub fn refused(&self, mut labels: TcpLabels, flags: &'static str) {
+        self.opened.get_or_create(&labels).inc();
+        labels.response_flags = flags;
+        self.closed.get_or_create(&labels).inc();
+    }
+
     /// Counts a connection opened and hands out its live byte counters.
     pub fn open(&self, labels: TcpLabels) -> Meter {
         self.opened.get_or_create(&labels).inc();

@@ -21,7 +21,10 @@ use super::{counted::Counted, limits::Permit, Context};
 use crate::{
     config::{Protocol, Workload},
     l7::{self, h2io::H2Io, RequestGate},
-    metrics::{istio::Meter, Direction, PolicyLabels},
+    metrics::{
+        istio::{Meter, Party, TcpLabels},
+        Direction, PolicyLabels,
+    },
     policy::{
         query::namespace_of, query::normalize_path, Attrs, Decision, Http, Target, Unknown, Verdict,
     },
@@ -37,6 +40,8 @@ pub struct Guard {
     /// The caller's principal (`td/ns/X/sa/Y`), `None` for plaintext.
     principal: Option<Arc<str>>,
     source_ip: IpAddr,
+    /// The caller as telemetry names it.
+    source: Arc<Party>,
 }
 
 /// What the connection-level decision lets happen.
@@ -64,6 +69,7 @@ impl Guard {
         dst: SocketAddrV4,
         principal: Option<Arc<str>>,
         source_ip: IpAddr,
+        source: Arc<Party>,
     ) -> Guard {
         Guard {
             ctx,
@@ -71,7 +77,26 @@ impl Guard {
             dst,
             principal,
             source_ip,
+            source,
         }
+    }
+
+    /// The connection's Istio labels (reported by the destination side: this meshd).
+    pub fn istio(&self) -> TcpLabels {
+        let protocol = self.protocol().as_str();
+        let mtls = self.principal.is_some();
+        TcpLabels::new(
+            "destination",
+            &self.source,
+            &self.workload.party,
+            protocol,
+            mtls,
+        )
+    }
+
+    /// A connection refused before it was carried: counted opened and closed with `flags`.
+    fn refused(&self, flags: &'static str) {
+        self.ctx.metrics.istio.refused(self.istio(), flags);
     }
 
     fn protocol(&self) -> Protocol {
@@ -117,7 +142,7 @@ impl Guard {
             layer,
         });
         if !allowed {
-            tracing::warn!(policy = %d.policy_id(), rule = ?d.rule, reason = d.reason,
+            crate::warn_throttled!(d.reason, policy = %d.policy_id(), rule = ?d.rule, reason = d.reason,
                 workload = %self.workload.name, dst = %self.dst, src = %self.source_ip,
                 principal = self.principal.as_deref().unwrap_or("-"), layer,
                 method = request.map_or("-", |r| r.method), path = request.map_or("-", |r| r.path),
@@ -142,6 +167,7 @@ impl Guard {
             Ok(permits) => Some(permits),
             Err(reason) => {
                 self.ctx.metrics.reject(Direction::Inbound, reason);
+                self.refused("UO");
                 None
             }
         }
@@ -156,6 +182,7 @@ impl Guard {
         }
         self.ctx.metrics.reject(Direction::Inbound, "policy_denied");
         if self.protocol() == Protocol::Tcp {
+            self.refused("RBAC");
             Admission::Refuse
         } else {
             Admission::DenyRequests(d)
@@ -312,7 +339,7 @@ impl RequestGate for Layer {
 
     fn rejected(&self, reason: &'static str) {
         self.guard.ctx.metrics.reject(Direction::Inbound, reason);
-        tracing::warn!(workload = %self.guard.workload.name, dst = %self.guard.dst, reason,
+        crate::warn_throttled!(reason, workload = %self.guard.workload.name, dst = %self.guard.dst, reason,
             "request refused: 400");
     }
 

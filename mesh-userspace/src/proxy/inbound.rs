@@ -14,10 +14,7 @@ use super::{
 };
 use crate::{
     config::MtlsMode,
-    metrics::{
-        istio::{Party, TcpLabels},
-        Direction,
-    },
+    metrics::{istio::Party, Direction},
 };
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
@@ -26,7 +23,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         Err(e) => {
             ctx.metrics
                 .reject(Direction::Inbound, "no_original_destination");
-            tracing::warn!(error = %e, "inbound connection without a destination: closed");
+            crate::warn_throttled!("no_original_destination", error = %e, "inbound connection without a destination: closed");
             return;
         }
     };
@@ -34,7 +31,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         // Someone dialled :15006 itself, or a port no workload serves.
         ctx.metrics
             .reject(Direction::Inbound, "not_a_workload_port");
-        tracing::warn!(%dst, "inbound connection to a port no local workload serves: closed");
+        crate::warn_throttled!("not_a_workload_port", %dst, "inbound connection to a port no local workload serves: closed");
         return;
     };
     let src = app.peer_addr().ok();
@@ -42,18 +39,19 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         MtlsMode::Strict | MtlsMode::Unset => {
             ctx.metrics
                 .reject(Direction::Inbound, "plaintext_refused_strict");
-            tracing::warn!(%dst, src = ?src, workload = %workload.name,
+            crate::warn_throttled!("strict", %dst, src = ?src, workload = %workload.name,
                 "plaintext connection refused: PeerAuthentication is STRICT");
             return;
         }
         MtlsMode::Permissive => {
-            tracing::warn!(%dst, src = ?src, workload = %workload.name,
+            crate::warn_throttled!("permissive", %dst, src = ?src, workload = %workload.name,
                 "plaintext connection forwarded: PeerAuthentication is PERMISSIVE");
         }
         MtlsMode::Disable => {}
     }
     let source_ip = src.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |s| s.ip());
-    let guard = Guard::new(ctx.clone(), workload.clone(), dst, None, source_ip);
+    let source = Arc::new(Party::unknown());
+    let guard = Guard::new(ctx.clone(), workload.clone(), dst, None, source_ip, source);
     let Some(_permits) = guard.limits() else {
         reset(&app);
         return;
@@ -63,16 +61,8 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         reset(&app);
         return;
     }
-    let protocol = workload.protocol(dst.port()).as_str();
-    let istio = TcpLabels::new(
-        "destination",
-        &Party::unknown(),
-        &workload.party,
-        protocol,
-        false,
-    );
     let labels = labels(&ctx, Direction::Inbound, "plaintext");
-    let mut access = Access::begin(&ctx, labels, dst, src, istio);
+    let mut access = Access::begin(&ctx, labels, dst, src, guard.istio());
     access.workload = Some(workload);
     if let Admission::DenyRequests(decision) = admission {
         let downstream = Downstream::Tcp(app);

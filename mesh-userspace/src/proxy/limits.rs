@@ -12,8 +12,6 @@ use std::{
 
 use serde::Deserialize;
 
-/// How often a limit that keeps refusing is logged.
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Keys tracked at most per limiter; idle ones are swept first. A caller that would need more
 /// (a plaintext flood from many addresses) is refused, not remembered.
 const MAX_KEYS: usize = 65_536;
@@ -77,8 +75,6 @@ struct Bucket {
 struct State {
     buckets: HashMap<String, Bucket>,
     swept: Instant,
-    logged: Option<Instant>,
-    suppressed: u64,
 }
 
 /// One limit, applied per key.
@@ -126,8 +122,6 @@ impl Limiter {
                 state: Mutex::new(State {
                     buckets: HashMap::new(),
                     swept: Instant::now(),
-                    logged: None,
-                    suppressed: 0,
                 }),
             })
         })
@@ -149,7 +143,7 @@ impl Limiter {
         if state.buckets.len() >= MAX_KEYS && !state.buckets.contains_key(key) {
             self.sweep(&mut state, now);
             if state.buckets.len() >= MAX_KEYS {
-                return Err(self.refused(&mut state, key, "keys", now));
+                return Err(self.refused(key, "keys"));
             }
         }
         let burst = self.burst();
@@ -175,7 +169,7 @@ impl Limiter {
             None
         };
         if let Some(what) = what {
-            return Err(self.refused(&mut state, key, what, now));
+            return Err(self.refused(key, what));
         }
         if self.limit.connections_per_second.is_some() {
             bucket.tokens -= 1.0;
@@ -202,25 +196,12 @@ impl Limiter {
         state.swept = now;
     }
 
-    fn refused(
-        &self,
-        state: &mut State,
-        key: &str,
-        what: &'static str,
-        now: Instant,
-    ) -> &'static str {
+    /// Why a connection over a limit is refused; logged once per interval per limit
+    /// ([`crate::warn_throttled!`]), not once per connection.
+    fn refused(&self, key: &str, what: &'static str) -> &'static str {
         let reason = reason(self.scope, what);
-        if state
-            .logged
-            .is_none_or(|at| now.duration_since(at) >= LOG_INTERVAL)
-        {
-            tracing::warn!(limit = reason, key, suppressed = state.suppressed, limits = ?self.limit,
-                "connection refused: over the limit (logged once per {}s)", LOG_INTERVAL.as_secs());
-            state.logged = Some(now);
-            state.suppressed = 0;
-        } else {
-            state.suppressed += 1;
-        }
+        crate::warn_throttled!(reason, limit = reason, key, limits = ?self.limit,
+            "connection refused: over the limit");
         reason
     }
 }

@@ -124,7 +124,7 @@ where
                 tokio::spawn(handle(conn, ctx.clone(), scope.clone()));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                crate::warn_throttled!("accept", error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -288,7 +288,7 @@ pub async fn relay_plaintext(
             ctx.metrics
                 .reject(access.labels.direction, "upstream_connect_failed");
             access.flags = "UF";
-            tracing::warn!(direction = %access.labels.direction, dst = %access.dst, error = %e,
+            crate::warn_throttled!("upstream_connect_failed", direction = %access.labels.direction, dst = %access.dst, error = %e,
                 "cannot reach the destination; resetting the application's connection");
             reset(&app);
             access.finish(ctx, Err(e));

@@ -23,7 +23,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         Err(e) => {
             ctx.metrics
                 .reject(Direction::Outbound, "no_original_destination");
-            tracing::warn!(error = %e, "outbound connection without an original destination: closed");
+            crate::warn_throttled!("no_original_destination", error = %e, "outbound connection without an original destination: closed");
             return;
         }
     };
@@ -31,7 +31,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
     if mesh_common::ports::ALL.contains(&dst.port()) && ctx.local_addrs.contains(*dst.ip()) {
         // Forwarding to ourselves would loop; interception never steers these ports.
         ctx.metrics.reject(Direction::Outbound, "loop");
-        tracing::warn!(%dst, "outbound connection to meshd's own port: closed");
+        crate::warn_throttled!("loop", %dst, "outbound connection to meshd's own port: closed");
         return;
     }
     if ctx.in_mesh(*dst.ip()) {
@@ -43,7 +43,7 @@ pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
         .await;
     if let Err(by) = decision {
         ctx.metrics.reject(Direction::Outbound, "egress_denied");
-        tracing::warn!(%dst, workload = %super::workload_name(workload), by,
+        crate::warn_throttled!("egress_denied", %dst, workload = %super::workload_name(workload), by,
             "destination outside the mesh not allowed by egress policy: reset");
         reset(&app);
         return;
@@ -67,7 +67,7 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
     let Some((client, pool)) = tunnels else {
         // No identity to speak for it: sending it in plaintext would break the mesh's promise.
         ctx.metrics.reject(Direction::Outbound, "no_identity");
-        tracing::warn!(dst = %origin.dst, "sender is not a configured workload: no SVID to tunnel with; refused");
+        crate::warn_throttled!("no_identity", dst = %origin.dst, "sender is not a configured workload: no SVID to tunnel with; refused");
         reset(&app);
         return;
     };
@@ -107,7 +107,7 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         let reason = tunnel_error.map_or("tunnel_stream_error", TunnelError::reason);
         ctx.metrics.reject(Direction::Outbound, reason);
         access.flags = tunnel_error.map_or("UC", TunnelError::response_flag);
-        tracing::warn!(dst = %origin.dst, error = %e, reason,
+        crate::warn_throttled!(reason, dst = %origin.dst, error = %e, reason,
             "tunnel failed; resetting the application's connection");
         reset(&app);
     }

@@ -20,10 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
-    metrics::{
-        istio::{Party, TcpLabels},
-        Direction,
-    },
+    metrics::{istio::Party, Direction},
     proxy::{
         authz::{Admission, Downstream, Guard},
         dial, labels, Access, Context, Scope,
@@ -49,7 +46,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConf
                 tokio::spawn(conn);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept on :15008 failed");
+                crate::warn_throttled!("accept", error = %e, "accept on :15008 failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -75,7 +72,7 @@ async fn connection(
 ) {
     let refuse = |reason: &'static str, detail: String| {
         ctx.metrics.handshake(Direction::Inbound, reason);
-        tracing::warn!(%peer, reason, detail, "HBONE connection refused");
+        crate::warn_throttled!(reason, %peer, reason, detail, "HBONE connection refused");
     };
     let mut first = [0u8; 4];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
@@ -208,7 +205,7 @@ async fn stream_task(
         Ok(t) => t,
         Err((status, reason)) => {
             ctx.metrics.reject(Direction::Inbound, reason);
-            tracing::warn!(%peer, peer_id = %who.id, uri = %request.uri(), reason, %status,
+            crate::warn_throttled!(reason, %peer, peer_id = %who.id, uri = %request.uri(), reason, %status,
                 "HBONE CONNECT refused");
             let _ = answer(&mut respond, status);
             return;
@@ -220,6 +217,7 @@ async fn stream_task(
         target,
         Some(principal),
         peer.ip(),
+        source,
     );
     let Some(_permits) = guard.limits() else {
         let _ = answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
@@ -233,10 +231,8 @@ async fn stream_task(
         }
         Admission::DenyRequests(decision) => Some(decision),
     };
-    let protocol = workload.protocol(target.port()).as_str();
-    let istio = TcpLabels::new("destination", &source, &workload.party, protocol, true);
     let labels = labels(&ctx, Direction::Inbound, "hbone");
-    let mut access = Access::begin(&ctx, labels, target, Some(peer), istio);
+    let mut access = Access::begin(&ctx, labels, target, Some(peer), guard.istio());
     access.workload = Some(workload);
     access.peer = Some(who);
     if let Some(decision) = refused {

@@ -2,7 +2,8 @@
 //! meshd on two of them (mode from the first argument, default auto); a workload on node 0 talks
 //! to a workload on node 1 through mTLS; another workload of node 0, with a valid identity the
 //! workload's AuthorizationPolicy does not name, is refused; node 2, outside the mesh, tries
-//! plaintext and is refused. Everything is removed at the end.
+//! plaintext and is refused; the Istio-named metrics and the service graph show it all.
+//! Everything is removed at the end.
 
 use std::time::Duration;
 
@@ -68,13 +69,12 @@ fn main() -> Result<()> {
         "transport=hbone",
         20,
     )?;
-    println!("\n== n0 metrics");
-    for line in m0
-        .metrics(&net, 0)?
-        .lines()
-        .filter(|l| l.contains("tls_handshakes_total{") || l.contains("connections_total{"))
-    {
-        println!("  {line}");
+    println!("\n== n1 metrics, Istio's standard names (a few labels of each shown)");
+    for line in m1.metrics(&net, 1)?.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            || l.starts_with("istio_tcp_received_bytes_total{")
+    }) {
+        println!("  {}", brief(line));
     }
 
     println!(
@@ -91,6 +91,27 @@ fn main() -> Result<()> {
     println!("\n== n2 (no meshd) tries plaintext to {target}: PeerAuthentication is STRICT");
     let outsider = net.host_process(2, &[&tool, "client", &target, "100", "1"])?;
     refused(outsider, &mut m1, "plaintext connection refused")?;
+    println!(
+        "\n== n1's service graph (admin API, 127.0.0.1:15000/graph in n1's namespace; \
+         on a real node: ssh -L 15000:127.0.0.1:15000 NODE, then http://127.0.0.1:15000/graph)"
+    );
+    let script = "import urllib.request as u;\
+                  print(u.urlopen('http://127.0.0.1:15000/graph.json').read().decode())";
+    let graph: serde_json::Value = serde_json::from_str(&net.exec(1, &["python3", "-c", script])?)?;
+    for e in graph["edges"].as_array().into_iter().flatten() {
+        let security = if e["mtls"] == true {
+            "mTLS"
+        } else {
+            "plaintext"
+        };
+        println!(
+            "  {} -> {}  {security}  connections {}  denied {}",
+            e["source"].as_str().unwrap_or("?"),
+            e["destination"].as_str().unwrap_or("?"),
+            e["opened"],
+            e["denied"]
+        );
+    }
     println!("\n== done; namespaces, cgroups, links and rules are removed now");
     Ok(())
 }
@@ -109,6 +130,25 @@ fn refused(mut client: Process, receiver: &mut Meshd, why: &str) -> Result<()> {
     let line = receiver.process.expect_line_containing(why, WAIT)?;
     println!("  n1 meshd: {}", line.trim());
     Ok(())
+}
+
+/// A metric line with only the labels that tell the story.
+fn brief(line: &str) -> String {
+    const KEEP: [&str; 5] = [
+        "reporter=",
+        "source_principal=",
+        "destination_workload=",
+        "connection_security_policy=",
+        "response_flags=",
+    ];
+    let Some((name, rest)) = line.split_once('{') else {
+        return line.to_string();
+    };
+    let (labels, value) = rest.rsplit_once("} ").unwrap_or((rest, ""));
+    let kept: Vec<&str> = (labels.split(','))
+        .filter(|l| KEEP.iter().any(|k| l.starts_with(k)))
+        .collect();
+    format!("{name}{{{}}} {value}", kept.join(","))
 }
 
 fn show(title: &str, meshd: &mut Meshd, needle: &str, count: usize) -> Result<()> {

@@ -156,7 +156,8 @@ fn run(
                 h2: format!("http://{host}:{}/", paths::NGINX_H2_PORT),
                 script: &script,
             };
-            gen::wrk(client, &script, &target.url("/"), 16, plan.warmup, false)?;
+            // A path that cannot even warm up is marked failed in every scenario of this round.
+            let warmup = gen::wrk(client, &script, &target.url("/"), 16, plan.warmup, false);
             for (name, scenario) in SCENARIOS
                 .into_iter()
                 .filter(|(s, _)| plan.wants(s, &scenario_names()))
@@ -164,12 +165,15 @@ fn run(
                 if !kind.runs(name) {
                     continue;
                 }
-                let value =
-                    measure(client, &target, scenario, plan.secs, &running).unwrap_or_else(|e| {
-                        // A path that breaks under a scenario is a result, not a reason to stop.
-                        eprintln!("mesh-bench: {} {name}: {e:#}", kind.name());
-                        serde_json::json!({ "errors": 1, "failure": format!("{e:#}") })
-                    });
+                let measured = match &warmup {
+                    Ok(_) => measure(client, &target, scenario, plan.secs, &running),
+                    Err(e) => Err(anyhow::anyhow!("warm-up failed: {e:#}")),
+                };
+                let value = measured.unwrap_or_else(|e| {
+                    // A path that breaks under a scenario is a result, not a reason to stop.
+                    eprintln!("mesh-bench: {} {name}: {e:#}", kind.name());
+                    serde_json::json!({ "errors": 1, "failure": format!("{e:#}") })
+                });
                 records.push(Record {
                     path: kind.name(),
                     scenario: name,
@@ -180,7 +184,7 @@ fn run(
             if kind == PathKind::Direct {
                 records.push(agreement(client, &target, plan.secs, round)?);
             }
-            if kind == PathKind::MeshdEbpf && round == 0 {
+            if kind == PathKind::MeshdEbpf && round == 0 && warmup.is_ok() {
                 rss = cost::rss_under_load(client, &target.url("/"), &script, &running)?;
                 rss.idle_kib = idle_rss.unwrap_or(0);
             }

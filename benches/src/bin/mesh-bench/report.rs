@@ -216,6 +216,13 @@ pub fn markdown(info: &RunInfo, records: &[Record], rss: &Rss) -> String {
         .samples
         .iter()
         .map(|s| {
+            if let Some(failure) = s["failure"].as_str() {
+                let mb = s["rss_kib"].as_f64().unwrap_or(0.0) / 1024.0;
+                return format!(
+                    "{mb:.1} MB with {} connections (FAILED: {failure})",
+                    s["connections"]
+                );
+            }
             format!(
                 "{:.1} MB with {} connections (wrk errors {})",
                 s["rss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
