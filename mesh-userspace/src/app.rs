@@ -106,6 +106,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         limits: proxy::limits::Limits::new(&cfg.limits),
         egress_policies: proxy::egress::EgressPolicies::new(&cfg.egress_policies)
             .map_err(|e| anyhow::anyhow!(e))?,
+        hbone: cfg.hbone,
     });
     let cni = match &cfg.pods {
         Some(pods) => {
@@ -144,6 +145,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         _ = serve_cni(cni) => Ok(()),
         _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
+        _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
         _ = state.quit.notified() => {
@@ -254,6 +256,21 @@ async fn drain(metrics: &Metrics, timeout: Duration) {
             open = n,
             "drain timeout: closing the connections still open"
         ),
+    }
+}
+
+/// How often freed heap pages are handed back.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Hands freed heap pages back to the kernel every [`TRIM_EVERY`]: after a burst (a flood of
+/// handshakes, thousands of connections) glibc would keep them, and the resident size would stay
+/// at its peak after the burst is over.
+async fn trim_memory() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    loop {
+        tick.tick().await;
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 

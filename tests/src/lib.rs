@@ -21,7 +21,7 @@ pub use capture::Capture;
 pub use footprint::Footprint;
 pub use mesh::{start_checkout_orders, start_checkout_orders_with, MeshCa, Meshd, WorkloadSpec};
 pub use net::{TestNet, TestNode};
-pub use process::Process;
+pub use process::{vm_rss_kib, Process};
 
 use std::path::PathBuf;
 

@@ -257,6 +257,26 @@ impl MeshCa {
         Ok(ca)
     }
 
+    /// A client SVID for service account `sa` (namespace default) minted from node `node`'s
+    /// intermediate, written as `<dir>/<name>.crt|.key`; their paths.
+    pub fn client_svid(&self, node: usize, name: &str, sa: &str) -> Result<(String, String)> {
+        use meshd::identity::{ca::Issuer, svid, SpiffeId};
+        let (crt, key) = (
+            self.dir.join(format!("n{node}.crt")),
+            self.dir.join(format!("n{node}.key")),
+        );
+        let issuer = Issuer::load(&crt, &key)?;
+        let id = SpiffeId::new("cluster.local", "default", sa)?;
+        let minted = svid::mint(&issuer, &id, std::time::Duration::from_secs(3600))?;
+        let (crt, key) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, minted.chain_pem)?;
+        std::fs::write(&key, minted.key_pem)?;
+        Ok((crt.display().to_string(), key.display().to_string()))
+    }
+
     /// The `identity:` and `mesh:` config sections for `node`.
     pub fn config(&self, node: usize, svid_ttl: &str, revoked_ids: &[&str]) -> String {
         let d = self.dir.display();

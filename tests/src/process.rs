@@ -175,3 +175,11 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// VmRSS of a process, in KiB (0 when it is gone).
+pub fn vm_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}

@@ -193,6 +193,12 @@ impl IdentityConfig {
     }
 }
 
+/// A config field holding a duration string ([`parse_duration`]).
+pub fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
 /// `500ms`, `10s`, `30m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());

@@ -17,7 +17,9 @@ mod ports;
 
 pub use ports::{PortConfig, PortSpec, Protocol};
 
-pub use mesh::{parse_duration, Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth};
+pub use mesh::{
+    de_duration, parse_duration, Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth,
+};
 
 /// A configuration error: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,7 +29,7 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
         reason: reason.into(),
@@ -66,6 +68,9 @@ pub struct Config {
     /// follow `mesh.egress`.
     #[serde(default)]
     pub egress_policies: Vec<crate::proxy::egress::EgressPolicyConfig>,
+    /// Limits of the :15008 listener (HTTP/2 and TLS), each with a default.
+    #[serde(default)]
+    pub hbone: crate::tunnel::limits::HboneLimits,
 }
 
 /// How meshd serves pods (each in its own network namespace).
@@ -281,6 +286,7 @@ pub struct Validated {
     pub policies: Vec<PathBuf>,
     pub limits: crate::proxy::limits::LimitsConfig,
     pub egress_policies: Vec<crate::proxy::egress::EgressPolicyConfig>,
+    pub hbone: crate::tunnel::limits::HboneLimits,
 }
 
 /// [`PodSettings`] with the cgroup parent found on this machine.
@@ -388,6 +394,7 @@ impl Config {
             policies: self.policies,
             limits: self.limits,
             egress_policies: self.egress_policies,
+            hbone: self.hbone.validate()?,
         })
     }
 }

@@ -61,6 +61,8 @@ pub struct Context {
     pub limits: limits::Limits,
     /// The authorization policy in force (reloaded live).
     pub policy: Arc<crate::policy::reload::Live>,
+    /// Limits of the :15008 listeners.
+    pub hbone: crate::tunnel::limits::HboneLimits,
 }
 
 /// Where a listener serves: meshd's own network namespace (host workloads, `pod: None`) or one

@@ -6,7 +6,10 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -16,9 +19,12 @@ use http::{Method, Request, Response, StatusCode};
 use mesh_common::{ports, DELIVERY_SOURCE_IP};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    limits::{Handshakes, Slot},
+    CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW,
+};
 use crate::{
     metrics::{istio::Party, Direction},
     proxy::{
@@ -31,18 +37,19 @@ use crate::{
     },
 };
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-
 /// Serves one :15008 listener: the node's (node SVID, host workloads) or a pod's (the pod's own
-/// SVID, that pod only).
+/// SVID, that pod only). At most `hbone.max_pending_handshakes` connections are in their TLS
+/// handshake at once: a new one evicts the oldest (closed and counted, `handshake_evicted`).
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConfig>, scope: Scope) {
     let acceptor = TlsAcceptor::from(tls);
+    let handshakes = Handshakes::new(ctx.hbone.max_pending_handshakes);
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let (slot, _) = handshakes.enter();
                 let _ = tcp.set_nodelay(true);
-                let conn = connection(tcp, peer, ctx.clone(), acceptor.clone(), scope.clone());
+                let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+                let conn = connection(tcp, peer, ctx, (acceptor, slot), scope.clone());
                 tokio::spawn(conn);
             }
             Err(e) => {
@@ -67,28 +74,23 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     ctx: Arc<Context>,
-    acceptor: TlsAcceptor,
+    (acceptor, mut slot): (TlsAcceptor, Slot),
     scope: Scope,
 ) {
+    let limits = ctx.hbone;
+    let timeout = limits.handshake_timeout;
     let refuse = |reason: &'static str, detail: String| {
         ctx.metrics.handshake(Direction::Inbound, reason);
         crate::warn_throttled!(reason, %peer, reason, detail, "HBONE connection refused");
     };
-    let mut first = [0u8; 4];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => {
-            if let Some(reason) = classify_preface(&first[..n]) {
-                return refuse(reason, format!("first bytes {:02x?}", &first[..n]));
-            }
-        }
-        Ok(Ok(_)) => return,
-        Ok(Err(e)) => return refuse("handshake_io_error", e.to_string()),
-        Err(_) => return refuse("handshake_timeout", "no bytes".into()),
-    }
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return refuse(handshake_failure_reason(&e), e.to_string()),
-        Err(_) => return refuse("handshake_timeout", "handshake did not finish".into()),
+    let handshake = tokio::select! {
+        tls = tls_handshake(tcp, &acceptor, timeout) => tls,
+        _ = &mut slot.evicted => Err(("handshake_evicted", "a newer connection took its place".into())),
+    };
+    let tls = match handshake {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return,
+        Err((reason, detail)) => return refuse(reason, detail),
     };
     let peer_id = tls
         .get_ref()
@@ -103,48 +105,150 @@ async fn connection(
         );
     };
     ctx.metrics.handshake(Direction::Inbound, "ok");
+    drop(slot);
     tracing::debug!(%peer, peer_id = %peer_id.id, serial = %peer_id.serial, "HBONE connection");
     let h2 = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .handshake::<_, Bytes>(tls)
-        .await;
-    let mut h2 = match h2 {
-        Ok(h2) => h2,
-        Err(e) => return refuse("h2_handshake_failed", e.to_string()),
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+        .handshake::<_, Bytes>(tls);
+    let h2 = match tokio::time::timeout(timeout, h2).await {
+        Ok(Ok(h2)) => h2,
+        Ok(Err(e)) => return refuse("h2_handshake_failed", e.to_string()),
+        Err(_) => return refuse("handshake_timeout", "no HTTP/2 preface".into()),
     };
     // What policy calls the peer, made once per connection rather than per stream.
     let principal: Arc<str> = crate::policy::principal_of(&peer_id.id).into();
     let source = Arc::new(Party::from_principal(&peer_id.id));
-    let who = Arc::new(peer_id);
-    while let Some(stream) = h2.accept().await {
-        match stream {
-            Ok((request, respond)) => {
-                let caller = Caller {
-                    peer,
-                    who: who.clone(),
-                    principal: principal.clone(),
-                    source: source.clone(),
-                };
-                tokio::spawn(stream_task(
-                    request,
-                    respond,
-                    caller,
-                    ctx.clone(),
-                    scope.clone(),
-                ));
+    let caller = Caller {
+        peer,
+        who: Arc::new(peer_id),
+        principal,
+        source,
+        streams: Arc::default(),
+    };
+    serve_streams(h2, caller, &ctx, &scope).await;
+}
+
+/// The TLS handshake, after a look at the first bytes (not TLS: refused before rustls sees
+/// them); `None` when the peer closed without a byte.
+async fn tls_handshake(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+) -> Result<Option<TlsStream<TcpStream>>, (&'static str, String)> {
+    let mut first = [0u8; 4];
+    match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {
+            if let Some(reason) = classify_preface(&first[..n]) {
+                return Err((reason, format!("first bytes {:02x?}", &first[..n])));
             }
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "HBONE connection ended");
+        }
+        Ok(Ok(_)) => return Ok(None),
+        Ok(Err(e)) => return Err(("handshake_io_error", e.to_string())),
+        Err(_) => return Err(("handshake_timeout", "no bytes".into())),
+    }
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Ok(Some(tls)),
+        Ok(Err(e)) => Err((handshake_failure_reason(&e), e.to_string())),
+        Err(_) => Err(("handshake_timeout", "handshake did not finish".into())),
+    }
+}
+
+/// Per connection: streams accepted, and those the peer reset before meshd answered them.
+#[derive(Default)]
+struct StreamCounts {
+    accepted: AtomicU64,
+    premature_resets: AtomicU64,
+}
+
+/// A connection has abused HTTP/2 reset (CVE-2023-44487) once it opened this many streams and
+/// reset more than half of them before their answer.
+const PREMATURE_RESET_MIN_STREAMS: u64 = 100;
+
+/// Accepts CONNECT streams until the peer goes, a limit ends the connection (counted as an
+/// inbound rejection `hbone_<h2 reason>`), the peer resets most of its streams before their
+/// answer (GOAWAY ENHANCE_YOUR_CALM, `hbone_rapid_reset`), or no stream has been open for
+/// `idle_timeout` (GOAWAY; streams in flight finish).
+async fn serve_streams(
+    mut h2: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
+    caller: Caller,
+    ctx: &Arc<Context>,
+    scope: &Scope,
+) {
+    let idle = ctx.hbone.idle_timeout;
+    let period = idle.min(Duration::from_secs(1));
+    let check = tokio::time::sleep(period);
+    tokio::pin!(check);
+    let mut idle_since = Some(tokio::time::Instant::now());
+    let mut closing = false;
+    let counts = caller.streams.clone();
+    loop {
+        let stream = tokio::select! {
+            stream = h2.accept() => stream,
+            _ = &mut check, if !closing => {
+                let now = tokio::time::Instant::now();
+                check.as_mut().reset(now + period);
+                let since = *idle_since.get_or_insert(now);
+                // Every stream task holds a clone of the counts: one left (here) means none runs.
+                if Arc::strong_count(&counts) > 2 {
+                    idle_since = None;
+                } else if now.duration_since(since) >= idle {
+                    tracing::debug!(peer = %caller.peer, "HBONE connection idle: closing");
+                    h2.graceful_shutdown();
+                    closing = true;
+                }
+                continue;
+            }
+        };
+        match stream {
+            Some(Ok((request, respond))) => {
+                idle_since = None;
+                let accepted = counts.accepted.fetch_add(1, Relaxed) + 1;
+                let premature = counts.premature_resets.load(Relaxed);
+                if !closing && accepted >= PREMATURE_RESET_MIN_STREAMS && premature * 2 > accepted {
+                    ctx.metrics.reject(Direction::Inbound, "hbone_rapid_reset");
+                    crate::warn_throttled!("rapid_reset", peer = %caller.peer,
+                        peer_id = %caller.who.id, accepted, premature,
+                        "HBONE connection closed: the peer resets most streams before their answer");
+                    h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    closing = true;
+                }
+                let (caller, ctx, scope) = (caller.clone(), ctx.clone(), scope.clone());
+                tokio::spawn(stream_task(request, respond, caller, ctx, scope));
+            }
+            Some(Err(e)) => {
+                let reason = h2_reason(&e);
+                ctx.metrics.reject(Direction::Inbound, reason);
+                crate::warn_throttled!(reason, peer = %caller.peer, peer_id = %caller.who.id,
+                    error = %e, "HBONE connection ended by an HTTP/2 error");
                 break;
             }
+            None => break,
         }
     }
 }
 
+/// Why HTTP/2 ended a connection, as a bounded label.
+fn h2_reason(e: &h2::Error) -> &'static str {
+    match e.reason() {
+        _ if e.is_io() => "hbone_io_error",
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => "hbone_enhance_your_calm",
+        Some(h2::Reason::PROTOCOL_ERROR) => "hbone_protocol_error",
+        Some(h2::Reason::FRAME_SIZE_ERROR) => "hbone_frame_size_error",
+        Some(h2::Reason::COMPRESSION_ERROR) => "hbone_compression_error",
+        Some(h2::Reason::FLOW_CONTROL_ERROR) => "hbone_flow_control_error",
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => "hbone_peer_closed",
+        _ => "hbone_h2_error",
+    }
+}
+
 /// Who opened a stream: the connection's address and verified identity.
+#[derive(Clone)]
 struct Caller {
     peer: SocketAddr,
     who: Arc<PeerIdentity>,
@@ -152,6 +256,8 @@ struct Caller {
     principal: Arc<str>,
     /// `who` as telemetry names it.
     source: Arc<Party>,
+    /// The connection's stream counts (every stream task holds a clone).
+    streams: Arc<StreamCounts>,
 }
 
 /// Why a CONNECT is refused, with its status.
@@ -193,6 +299,7 @@ async fn stream_task(
         who,
         principal,
         source,
+        streams,
     } = caller;
     let answer = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -211,6 +318,10 @@ async fn stream_task(
             return;
         }
     };
+    // A stream its caller already reset (HTTP/2 rapid reset) is not worth a dial.
+    if reset_by_caller(&mut respond, &ctx, &streams) {
+        return;
+    }
     let guard = Guard::new(
         ctx.clone(),
         workload.clone(),
@@ -259,6 +370,9 @@ async fn stream_task(
             return;
         }
     };
+    if reset_by_caller(&mut respond, &ctx, &streams) {
+        return access.finish(&ctx, Err(std::io::Error::other("reset by the caller")));
+    }
     let result = match respond.send_response(ok(), false) {
         Ok(send) => {
             let downstream = Downstream::Hbone(send, request.into_body());
@@ -267,6 +381,23 @@ async fn stream_task(
         Err(e) => Err(std::io::Error::other(e)),
     };
     access.finish(&ctx, result);
+}
+
+/// Whether the caller has reset the stream before meshd answered it (counted per connection:
+/// a peer that does this to most streams is ended, see [`serve_streams`]).
+fn reset_by_caller(
+    respond: &mut SendResponse<Bytes>,
+    ctx: &Context,
+    counts: &StreamCounts,
+) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let reset = respond.poll_reset(&mut cx).is_ready();
+    if reset {
+        ctx.metrics
+            .reject(Direction::Inbound, "reset_before_answer");
+        counts.premature_resets.fetch_add(1, Relaxed);
+    }
+    reset
 }
 
 /// The answer to a CONNECT that is carried.

@@ -270,8 +270,5 @@ fn tune(netns: &str) -> Result<()> {
 
 /// VmRSS of a process, in KiB.
 pub fn vm_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"));
-    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    testhosts::vm_rss_kib(pid)
 }

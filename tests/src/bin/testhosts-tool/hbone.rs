@@ -47,7 +47,7 @@ impl ServerCertVerifier for AcceptAnyServer {
     }
 }
 
-fn config(identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig, String> {
+pub fn config(identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig, String> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))

@@ -64,6 +64,11 @@ fn main() {
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
         ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
+        ["rapid-reset", addr, authority, cert, key, n] => {
+            abuse::rapid_reset(addr, authority, (cert, key), parse(n))
+        }
+        ["hbone-idle", addr, cert, key, secs] => abuse::idle(addr, (cert, key), parse(secs) as u64),
+        ["half-hellos", addr, n, secs] => abuse::half_hellos(addr, parse(n), parse(secs) as u64),
         ["grpc-server", addr] => grpc::server(addr),
         ["grpc-client", addr, paths @ ..] if !paths.is_empty() => grpc::client(addr, paths),
         _ => Err("usage: see the top of testhosts-tool.rs".to_string()),
@@ -259,5 +264,6 @@ fn raw(addr: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+mod abuse;
 mod grpc;
 mod hbone;
