@@ -216,32 +216,32 @@ impl Istio {
         istio
     }
 
-    /// Counts one request on a connection labelled `tcp` and observes its duration.
-    pub fn request(
+    /// The request counter and duration histogram of one outcome (`status`, gRPC status,
+    /// `flags`) on a connection labelled `tcp`. Looked up once per outcome and connection:
+    /// the label set is long to hash.
+    pub fn request_meter(
         &self,
         tcp: &TcpLabels,
         status: u16,
         grpc: Option<u8>,
         flags: &'static str,
-        elapsed: std::time::Duration,
-    ) {
+    ) -> RequestMeter {
         const CODES: [&str; 17] = [
             "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
             "16",
         ];
         let mut tcp = tcp.clone();
         tcp.response_flags = flags;
+        let grpc_response_status = grpc.and_then(|c| CODES.get(c as usize)).copied();
         let labels = RequestLabels {
             tcp,
             response_code: status,
-            grpc_response_status: grpc
-                .and_then(|c| CODES.get(c as usize))
-                .copied()
-                .unwrap_or("-"),
+            grpc_response_status: grpc_response_status.unwrap_or("-"),
         };
-        self.requests.get_or_create(&labels).inc();
-        let ms = elapsed.as_secs_f64() * 1000.0;
-        self.duration.get_or_create(&labels).observe(ms);
+        RequestMeter {
+            count: self.requests.get_or_create_owned(&labels),
+            duration: self.duration.get_or_create_owned(&labels),
+        }
     }
 
     /// A connection refused before it was carried (a policy denial, a limit): opened and
@@ -260,6 +260,20 @@ impl Istio {
             response: self.sent.get_or_create_owned(&labels),
             labels,
         }
+    }
+}
+
+/// One request outcome's metrics (shared with the families).
+#[derive(Clone, Debug)]
+pub struct RequestMeter {
+    pub count: Counter,
+    pub duration: Histogram,
+}
+
+impl RequestMeter {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        self.count.inc();
+        self.duration.observe(elapsed.as_secs_f64() * 1000.0);
     }
 }
 

@@ -22,7 +22,7 @@ use crate::{
     config::{Protocol, Workload},
     l7::{self, h2io::H2Io, RequestGate},
     metrics::{
-        istio::{Meter, Party, TcpLabels},
+        istio::{Meter, Party, RequestMeter, TcpLabels},
         Direction, PolicyLabels,
     },
     policy::{
@@ -205,6 +205,7 @@ impl Guard {
             guard: self,
             refused: Some(decision),
             meter: meter.clone(),
+            outcomes: Default::default(),
         };
         let (_, to_caller) = layer.filter(downstream, upstream).await?;
         Ok((0, to_caller))
@@ -263,6 +264,7 @@ impl Guard {
                     name: protocol.as_str(),
                     refused: None,
                     meter: meter.clone(),
+                    outcomes: Default::default(),
                 };
                 layer.filter(downstream, upstream).await
             }
@@ -278,7 +280,12 @@ struct Layer {
     refused: Option<Decision>,
     /// The connection's Istio counters.
     meter: Meter,
+    /// The request metrics this connection has used, by outcome (status, gRPC status, flags):
+    /// most connections see one or two, so a request costs a short scan, not a label hash.
+    outcomes: std::sync::Mutex<Vec<(Outcome, RequestMeter)>>,
 }
+
+type Outcome = (u16, Option<u8>, &'static str);
 
 impl Layer {
     async fn filter<U>(self, downstream: Downstream, upstream: U) -> std::io::Result<(u64, u64)>
@@ -346,14 +353,18 @@ impl RequestGate for Layer {
     /// Istio's request metrics and one access line per request.
     fn completed(&self, e: &l7::Exchange<'_>) {
         let flags = if e.denied { "RBAC" } else { "-" };
-        let istio = &self.guard.ctx.metrics.istio;
-        istio.request(
-            &self.meter.labels,
-            e.status,
-            e.grpc_status,
-            flags,
-            e.elapsed,
-        );
+        let outcome = (e.status, e.grpc_status, flags);
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        match outcomes.iter().find(|(o, _)| *o == outcome) {
+            Some((_, meter)) => meter.record(e.elapsed),
+            None => {
+                let istio = &self.guard.ctx.metrics.istio;
+                let meter = istio.request_meter(&self.meter.labels, outcome.0, outcome.1, flags);
+                meter.record(e.elapsed);
+                outcomes.push((outcome, meter));
+            }
+        }
+        drop(outcomes);
         tracing::info!(
             target: crate::logbuf::ACCESS_TARGET,
             layer = self.name,
