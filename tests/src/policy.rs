@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::{MeshCa, Meshd, TestNet};
+use crate::{MeshCa, Meshd, Process, TestNet};
 
 /// The head of every AuthorizationPolicy document.
 pub const POLICY_HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n";
@@ -95,6 +95,38 @@ pub fn start_policy_mesh_in(
     let a = net.start_meshd_config(0, mode, &client)?;
     let b = net.start_meshd_config(1, mode, &config)?;
     Ok((a, b))
+}
+
+/// The HTTP server `db` ([`HTTP_SERVER`] on node 1, port 8080 declared `protocol: http`, labels
+/// app=db, version=v1) once it is ready, and meshd on both nodes as [`start_policy_mesh`] starts
+/// them for `clients`.
+pub fn start_db_mesh(
+    net: &TestNet,
+    ca: &MeshCa,
+    clients: &[&str],
+    dir: &PolicyDir,
+    server_extra: &str,
+) -> Result<(Process, Meshd, Meshd)> {
+    let mut db = net.workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])?;
+    db.expect_line("ready", std::time::Duration::from_secs(30))?;
+    let ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
+    let (a, b) = start_policy_mesh(net, ca, clients, ("db", ports), dir, server_extra)?;
+    Ok((db, a, b))
+}
+
+/// `curl ARGS` (10 s at most, the status code appended as ` [CODE]`) run by `workload` on node
+/// 0, or by a process of node 0 outside any workload (not intercepted) when `None`.
+pub fn curl(net: &TestNet, workload: Option<&str>, args: &[&str]) -> String {
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", " [%{http_code}]\n"];
+    argv.extend_from_slice(args);
+    let process = match workload {
+        Some(w) => net.workload(0, w, &argv),
+        None => net.host_process(0, &argv),
+    };
+    let wait = std::time::Duration::from_secs(30);
+    process
+        .and_then(|mut p| p.wait_output(wait))
+        .map_or_else(|e| format!("curl failed: {e:#}"), |(_, out)| out)
 }
 
 impl Meshd {

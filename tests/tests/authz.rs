@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use testhosts::{
-    policy::{start_policy_mesh, PolicyDir, HTTP_SERVER, POLICY_HEAD as HEAD},
+    policy::{self, start_db_mesh, PolicyDir, POLICY_HEAD as HEAD},
     require_privileges, MeshCa, Meshd, Process, TestNet,
 };
 
@@ -61,11 +61,7 @@ fn policies(net: &TestNet) -> PolicyDir {
 
 /// `curl` from `workload` on node 0: the status code and body of each request.
 fn curl(net: &TestNet, workload: &str, args: &[&str]) -> String {
-    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", " [%{http_code}]\n"];
-    argv.extend_from_slice(args);
-    let mut p = net.workload(0, workload, &argv).unwrap();
-    let (_, out) = p.wait_output(WAIT).unwrap();
-    out
+    policy::curl(net, Some(workload), args)
 }
 
 /// The three services up: db's server, meshd on both nodes, the policies. Fields drop in
@@ -84,14 +80,7 @@ impl Scene {
         let net = TestNet::new(2).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         let dir = policies(&net);
-        let mut db = net
-            .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
-            .unwrap();
-        db.expect_line("ready", WAIT).unwrap();
-        let db_ports =
-            "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db, version: v1}\n";
-        let (a, b) =
-            start_policy_mesh(&net, &ca, &["www", "auth"], ("db", db_ports), &dir, "").unwrap();
+        let (db, a, b) = start_db_mesh(&net, &ca, &["www", "auth"], &dir, "").unwrap();
         Scene {
             b,
             _a: a,
@@ -294,35 +283,11 @@ fn permissive_plaintext_is_decided_without_an_identity() {
          selector: {{matchLabels: {{app: db}}}}\n  rules:\n  \
          - from: [{{source: {{ipBlocks: [\"{client}/32\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
     ));
-    let mut db = net
-        .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
-        .unwrap();
-    db.expect_line("ready", WAIT).unwrap();
-    let db_ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db}\n";
     let permissive = "peer_authentication:\n- spec: {mtls: {mode: PERMISSIVE}}\n";
-    let (_a, b) =
-        start_policy_mesh(&net, &ca, &["www"], ("db", db_ports), &dir, permissive).unwrap();
+    let (_db, _a, b) = start_db_mesh(&net, &ca, &["www"], &dir, permissive).unwrap();
     // A process of node 0 outside any workload: not intercepted, it arrives in plaintext.
     let url = format!("http://{}:8080/x", net.node(1).addr);
-    let plain = |method: &str| {
-        let argv = [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            " [%{http_code}]",
-            "-X",
-            method,
-            &url,
-        ];
-        let (_, out) = net
-            .host_process(0, &argv)
-            .unwrap()
-            .wait_output(WAIT)
-            .unwrap();
-        out
-    };
+    let plain = |method: &str| policy::curl(&net, None, &["-X", method, &url]);
     assert_eq!(plain("GET").trim(), "db GET /x 0 [200]");
     assert_eq!(plain("DELETE").trim(), "RBAC: access denied [403]");
     let http_denials = [

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use testhosts::{
     meshd_bin,
-    policy::{start_policy_mesh, PolicyDir, HTTP_SERVER, POLICY_HEAD},
+    policy::{self, start_db_mesh, PolicyDir, POLICY_HEAD},
     require_privileges, start_checkout_orders, MeshCa, Meshd, TestNet,
 };
 
@@ -240,29 +240,11 @@ fn graph_page_in_headless_chromium_shows_the_edges_and_denials() {
              - from: [{{source: {{principals: [cluster.local/ns/default/sa/www]}}}}]\n"
         ),
     );
-    let mut db = net
-        .workload(1, "db", &["python3", "-c", HTTP_SERVER, "db"])
-        .unwrap();
-    db.expect_line("ready", WAIT).unwrap();
-    let ports = "  ports: [{port: 8080, protocol: http}]\n  labels: {app: db}\n";
-    let (_a, _b) = start_policy_mesh(&net, &ca, &["www", "auth"], ("db", ports), &dir, "").unwrap();
+    let (_db, _a, _b) = start_db_mesh(&net, &ca, &["www", "auth"], &dir, "").unwrap();
     let url = format!("http://{}:8080/items", net.node(1).addr);
     for (who, expect) in [("www", "[200]"), ("auth", "[403]")] {
-        let argv = [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "[%{http_code}]",
-            &url,
-        ];
-        let (_, out) = net
-            .workload(0, who, &argv)
-            .unwrap()
-            .wait_output(WAIT)
-            .unwrap();
-        assert!(out.ends_with(expect), "{who}: {out}");
+        let out = policy::curl(&net, Some(who), &[&url]);
+        assert!(out.trim_end().ends_with(expect), "{who}: {out}");
     }
 
     let profile = format!("/tmp/{}-chromium", net.id());

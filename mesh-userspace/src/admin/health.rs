@@ -43,10 +43,6 @@ impl Health {
         self.phase.store(DRAINING, Ordering::Release);
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.phase.load(Ordering::Acquire) == DRAINING
-    }
-
     /// `Ok` when ready; otherwise why not.
     pub fn ready(&self) -> Result<(), String> {
         match self.phase.load(Ordering::Acquire) {

@@ -135,6 +135,13 @@ pub struct PodEventLabels {
     pub result: &'static str,
 }
 
+/// `registry.register(NAME, HELP, METRIC.clone())` for each `NAME, HELP => METRIC;`.
+macro_rules! register_all {
+    ($registry:ident: $($name:literal, $help:literal => $metric:expr;)*) => {
+        $( $registry.register($name, $help, $metric.clone()); )*
+    };
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut root = Registry::default();
@@ -162,85 +169,37 @@ impl Default for Metrics {
             policies: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
+        register_all!(registry:
             "connections",
-            "Connections proxied, by direction and interception mode",
-            m.connections.clone(),
-        );
-        registry.register(
-            "connections_rejected",
-            "Connections refused, by direction and reason",
-            m.rejected.clone(),
-        );
-        registry.register("bytes", "Bytes relayed", m.bytes.clone());
-        registry.register(
-            "active_connections",
-            "Connections open now",
-            m.active.clone(),
-        );
-        registry.register(
+            "Connections proxied, by direction and interception mode" => m.connections;
+            "connections_rejected", "Connections refused, by direction and reason" => m.rejected;
+            "bytes", "Bytes relayed" => m.bytes;
+            "active_connections", "Connections open now" => m.active;
             "bpf_map_entries",
-            "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)",
-            m.bpf_map_entries.clone(),
-        );
-        registry.register(
+            "Entries in meshd's BPF maps (capacity is fixed; LRU evicts at the limit)" => m.bpf_map_entries;
             "bpf_events",
             "Events counted by meshd's eBPF programs since start (steered, excluded, \
-             record_failed, inbound_captured, bypass_sockets, bypass_kept_on_tcp)",
-            m.bpf_events.clone(),
-        );
-        registry.register(
+             record_failed, inbound_captured, bypass_sockets, bypass_kept_on_tcp)" => m.bpf_events;
             "tls_handshakes",
-            "mTLS handshakes, by direction and result (ok or the reason of the failure)",
-            m.tls_handshakes.clone(),
-        );
-        registry.register(
-            "svid_renewals",
-            "SVID renewals, by result",
-            m.svid_renewals.clone(),
-        );
-        registry.register(
+            "mTLS handshakes, by direction and result (ok or the reason of the failure)" => m.tls_handshakes;
+            "svid_renewals", "SVID renewals, by result" => m.svid_renewals;
             "server_identity",
             "Outbound tunnels by how the server's identity was checked: verified (against the \
              identity expected at the destination) or unknown_destination_identity (trust \
-             domain only)",
-            m.server_identity.clone(),
-        );
-        registry.register(
+             domain only)" => m.server_identity;
             "pod_events",
-            "Pod requests from the CNI plugin (add, del, check) and re-adoptions, by result",
-            m.pod_events.clone(),
-        );
-        registry.register("pods", "Pods meshd serves now", m.pods.clone());
-        registry.register(
+            "Pod requests from the CNI plugin (add, del, check) and re-adoptions, by result" => m.pod_events;
+            "pods", "Pods meshd serves now" => m.pods;
             "policy_decisions",
-            "Authorization decisions, by decision, deciding policy, reason and layer",
-            m.policy_decisions.clone(),
-        );
-        registry.register(
+            "Authorization decisions, by decision, deciding policy, reason and layer" => m.policy_decisions;
             "policy_reloads",
-            "Authorization policy reloads, by result (ok, rejected)",
-            m.policy_reloads.clone(),
-        );
-        registry.register(
+            "Authorization policy reloads, by result (ok, rejected)" => m.policy_reloads;
             "policy_last_reload_failed",
-            "1 when the last policy reload was rejected (the previous policy is in force)",
-            m.policy_last_reload_failed.clone(),
-        );
-        registry.register(
-            "policies",
-            "Authorization policies in force",
-            m.policies.clone(),
-        );
-        registry.register(
-            "build_info",
-            "1, labelled with meshd's version and interception mode",
-            m.build.clone(),
-        );
-        registry.register(
+            "1 when the last policy reload was rejected (the previous policy is in force)" => m.policy_last_reload_failed;
+            "policies", "Authorization policies in force" => m.policies;
+            "build_info", "1, labelled with meshd's version and interception mode" => m.build;
             "certificate_expiry_seconds",
-            "Seconds until the SVID of each local identity expires (renewed at half life)",
-            m.certificate_expiry.clone(),
+            "Seconds until the SVID of each local identity expires (renewed at half life)" => m.certificate_expiry;
         );
         Metrics {
             registry: root,
