@@ -76,7 +76,9 @@ fn peer_meshd_dies_mid_stream_then_the_pool_recovers() {
             &format!("{target}:7000"),
             "100",
             "1",
+            MARKER,
         ];
+        let tcpdump = Capture::start(&net, 0).unwrap();
         let (status, out) = net
             .workload(0, "checkout", &send)
             .unwrap()
@@ -86,6 +88,8 @@ fn peer_meshd_dies_mid_stream_then_the_pool_recovers() {
             !status.success(),
             "{mode}: delivered without the peer's meshd: {out}"
         );
+        let plaintext = tcpdump.saw(MARKER).unwrap();
+        assert!(!plaintext, "{mode}: the marker crossed in plaintext");
 
         // The peer returns: the next connections go through a new tunnel.
         let _b = net
