@@ -48,7 +48,11 @@ fn listen(ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
 
 pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<()> {
     crate::inpod::netns::remember_home().context("open meshd's own network namespace")?;
-    match crate::sys::reserve_ports(&ports::ALL) {
+    let state_dir = (cfg.pods.as_ref()).map_or(crate::config::default_state_dir(), |p| {
+        p.settings.state_dir.clone()
+    });
+    let reserved = ReservedPorts(crate::sys::reserved_ports_record(&state_dir)?);
+    match crate::sys::reserve_ports(&ports::ALL, &reserved.0) {
         Ok(list) => tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reserve meshd's ports"),
     }
@@ -158,8 +162,21 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     drain(&metrics, drain_timeout).await;
     tracing::info!(status = %interception.status(), "stopping");
     interception.uninstall().context("remove interception")?;
+    drop(reserved);
     tracing::info!("meshd stopped; interception removed");
     served
+}
+
+/// The ports this meshd added to the namespace's reserved ports (recorded in this file): given
+/// back however `run` ends, a failed start included; after a SIGKILL, `meshd cleanup` does it.
+struct ReservedPorts(std::path::PathBuf);
+
+impl Drop for ReservedPorts {
+    fn drop(&mut self) {
+        if let Err(e) = crate::sys::release_reserved_ports(&self.0) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot release meshd's reserved ports");
+        }
+    }
 }
 
 /// Mints the local identities' SVIDs (and keeps them renewed), and builds the HBONE client

@@ -66,14 +66,18 @@ pub fn run(pin_dir: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<()> {
         removed.len(),
         dir.display()
     );
+    let state_dir = state_dir.unwrap_or_else(crate::config::default_state_dir);
     match iptables_fallback::Iptables::detect() {
         Ok(ipt) => {
             let n = ipt.remove().context("remove meshd's iptables rules")?;
             println!("{n} iptables chains and jumps removed");
-            remove_pod_rules(&ipt, &state_dir.unwrap_or_else(|| "/run/meshd".into()))?;
+            remove_pod_rules(&ipt, &state_dir)?;
         }
         Err(e) => println!("iptables not usable here ({e}): no rules to remove"),
     }
+    let record = crate::sys::reserved_ports_record(&state_dir)?;
+    let released = crate::sys::release_reserved_ports(&record)?;
+    println!("{} reserved ports released {released:?}", released.len());
     Ok(())
 }
 

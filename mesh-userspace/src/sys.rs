@@ -143,16 +143,86 @@ const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// Adds `ports` to this network namespace's reserved ports, so no outgoing connection takes one
 /// of meshd's listening ports as its ephemeral port (seen under connection-per-request load,
-/// where meshd then could not start: "address in use"). Keeps what was reserved already.
-pub fn reserve_ports(ports: &[u16]) -> Result<String> {
+/// where meshd then could not start: "address in use"). Keeps what was reserved already, and
+/// records the ports it added in `record` ([`reserved_ports_record`]) for
+/// [`release_reserved_ports`]; returns the list now in force.
+pub fn reserve_ports(ports: &[u16], record: &Path) -> Result<String> {
     let current = fs::read_to_string(RESERVED_PORTS).context("read ip_local_reserved_ports")?;
-    let merged = merge_port_list(current.trim(), ports);
+    let (merged, added) = merge_port_list(current.trim(), ports);
+    if !added.is_empty() {
+        if let Some(dir) = record.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let list: Vec<String> = added.iter().map(u16::to_string).collect();
+        fs::write(record, list.join(",")).with_context(|| format!("write {}", record.display()))?;
+    }
     fs::write(RESERVED_PORTS, &merged).context("write ip_local_reserved_ports")?;
     Ok(merged)
 }
 
-/// `current` (a sysctl port list like "22,8000-8100") with `ports` added.
-fn merge_port_list(current: &str, ports: &[u16]) -> String {
+/// Where the ports meshd reserved in this network namespace are recorded: under `state_dir`,
+/// named after the namespace (meshd's of different namespaces share a state directory).
+pub fn reserved_ports_record(state_dir: &Path) -> Result<PathBuf> {
+    let ns = fs::metadata("/proc/thread-self/ns/net").context("this thread's network namespace")?;
+    let ino = std::os::linux::fs::MetadataExt::st_ino(&ns);
+    Ok(state_dir.join(format!("reserved-ports.{ino}")))
+}
+
+/// Takes back the ports [`reserve_ports`] recorded in `record` (the rest of the list stays as
+/// the operator had it) and removes the record; the ports released.
+pub fn release_reserved_ports(record: &Path) -> Result<Vec<u16>> {
+    let Ok(text) = fs::read_to_string(record) else {
+        return Ok(Vec::new());
+    };
+    let ours: Vec<u16> = text
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let current = fs::read_to_string(RESERVED_PORTS).context("read ip_local_reserved_ports")?;
+    let kept = without_ports(&current, &ours);
+    // An empty write is refused (EINVAL); a newline clears the list.
+    fs::write(RESERVED_PORTS, format!("{kept}\n")).context("write ip_local_reserved_ports")?;
+    fs::remove_file(record).with_context(|| format!("remove {}", record.display()))?;
+    Ok(ours)
+}
+
+/// A sysctl port list (the kernel writes it back as ranges: "15000-15001,15006") without
+/// `ports`, in the same form.
+fn without_ports(list: &str, ports: &[u16]) -> String {
+    let mut set = std::collections::BTreeSet::new();
+    for item in list
+        .trim()
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+            set.extend(a..=b);
+        }
+    }
+    for p in ports {
+        set.remove(p);
+    }
+    let mut runs: Vec<(u16, u16)> = Vec::new();
+    for p in set {
+        match runs.last_mut() {
+            Some((_, end)) if u32::from(*end) + 1 == u32::from(p) => *end = p,
+            _ => runs.push((p, p)),
+        }
+    }
+    let item = |(a, b): (u16, u16)| {
+        if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        }
+    };
+    runs.into_iter().map(item).collect::<Vec<_>>().join(",")
+}
+
+/// `current` (a sysctl port list like "22,8000-8100") with `ports` added; which were added.
+fn merge_port_list(current: &str, ports: &[u16]) -> (String, Vec<u16>) {
     let mut items: Vec<String> = current
         .split(',')
         .map(str::trim)
@@ -167,12 +237,14 @@ fn merge_port_list(current: &str, ports: &[u16]) -> String {
             None => item.parse::<u16>() == Ok(p),
         })
     };
+    let mut added = Vec::new();
     for p in ports {
         if !covered(*p, &items) {
             items.push(p.to_string());
+            added.push(*p);
         }
     }
-    items.join(",")
+    (items.join(","), added)
 }
 
 pub fn is_root() -> bool {
@@ -332,12 +404,25 @@ mod tests {
 
     #[test]
     fn reserved_ports_are_merged_without_duplicates() {
-        assert_eq!(merge_port_list("", &[15001, 15006]), "15001,15006");
+        let merged = |current, ports: &[u16]| merge_port_list(current, ports);
         assert_eq!(
-            merge_port_list("22,15000-15010", &[15001, 15020]),
-            "22,15000-15010,15020"
+            merged("", &[15001, 15006]),
+            ("15001,15006".into(), vec![15001, 15006])
         );
-        assert_eq!(merge_port_list("15020", &[15020]), "15020");
+        assert_eq!(
+            merged("22,15000-15010", &[15001, 15020]),
+            ("22,15000-15010,15020".into(), vec![15020])
+        );
+        assert_eq!(merged("15020", &[15020]), ("15020".into(), vec![]));
+    }
+
+    #[test]
+    fn released_ports_leave_the_operators_ranges() {
+        let kernel = "22,15000-15001,15006,15008,15020-15021,30000-30002";
+        let ours = [15000, 15001, 15006, 15008, 15020, 15021];
+        assert_eq!(without_ports(kernel, &ours), "22,30000-30002");
+        assert_eq!(without_ports("15000-15010", &[15001]), "15000,15002-15010");
+        assert_eq!(without_ports("", &ours), "");
     }
 
     #[test]

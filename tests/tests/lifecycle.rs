@@ -41,6 +41,13 @@ fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
     if nat.contains("MESH") {
         left.push(format!("iptables rules: {nat}"));
     }
+    // The node's namespace starts with no reserved port; meshd reserves its own.
+    let reserved = net
+        .exec(0, &["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+        .unwrap();
+    if !reserved.trim().is_empty() {
+        left.push(format!("reserved ports: {}", reserved.trim()));
+    }
     left
 }
 
@@ -51,8 +58,8 @@ fn sigterm_removes_everything_meshd_installed() {
         let net = TestNet::new(2).unwrap();
         let mut meshd = net.start_meshd(0, mode, &ORDERS).unwrap();
         let running = installed(&net, &meshd);
-        // ebpf: pins, cgroup programs, the netns link; iptables: the rules.
-        let expected = if mode == "ebpf" { 3 } else { 1 };
+        // ebpf: pins, cgroup programs, the netns link; iptables: the rules; both: reserved ports.
+        let expected = if mode == "ebpf" { 4 } else { 2 };
         assert_eq!(running.len(), expected, "{mode}: {running:#?}");
         meshd.process.signal(Signal::SIGTERM).unwrap();
         let (status, log) = meshd.process.wait_output(WAIT).unwrap();

@@ -103,7 +103,7 @@ fn default_cni_socket() -> PathBuf {
     PathBuf::from("/run/meshd/cni.sock")
 }
 
-fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/run/meshd")
 }
 
