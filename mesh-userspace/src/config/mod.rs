@@ -544,6 +544,16 @@ mod tests {
                 "not an IPv4 CIDR",
             ),
             (
+                "hbone:\n  max_pending_handshakes: 0\n",
+                "hbone.max_pending_handshakes",
+                "at least 1",
+            ),
+            (
+                "hbone:\n  idle_timeout: 10ms\n",
+                "hbone.idle_timeout",
+                "at least 100ms",
+            ),
+            (
                 "exclude:\n  cidrs: [10.0.0.0/33]\n",
                 "exclude.cidrs[0]",
                 "prefix length",
