@@ -1,6 +1,8 @@
-//! Faults on the path: the peer node's meshd dies in the middle of a stream. The application
-//! on this node sees its connection end (not hang), new connections fail while the peer is
-//! gone (never delivered around the mesh), and the pool reconnects once the peer is back.
+//! Faults on the path: the peer node's meshd dies in the middle of a stream (the application
+//! on this node sees its connection end, not hang; new connections fail while the peer is gone,
+//! never delivered around the mesh; the pool reconnects once the peer is back), and the local
+//! meshd is killed under load (connections fail closed: not one application byte on the wire
+//! in plaintext).
 
 use std::time::{Duration, Instant};
 
@@ -109,5 +111,50 @@ fn peer_meshd_dies_mid_stream_then_the_pool_recovers() {
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!("figure: {mode}: peer meshd killed: the held application connection {ended}");
+    }
+}
+
+/// meshd on the sending node gets SIGKILL while a client makes connection after connection:
+/// the connections before it succeed, the ones after it fail, and the capture never sees the
+/// client's marker (its interception stays and steers to a dead listener).
+#[test]
+fn sigkill_under_load_fails_closed() {
+    require_privileges!();
+    for mode in ["ebpf", "iptables"] {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
+        let (mut a, _b) = testhosts::start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let tool = sibling_binary("testhosts-tool").display().to_string();
+        let target = format!("{}:7000", net.node(1).addr);
+        let tcpdump = Capture::start(&net, 0).unwrap();
+        let argv = [tool.as_str(), "loop", &target, "4", MARKER];
+        let mut load = net.workload(0, "checkout", &argv).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        a.process.signal(Signal::SIGKILL).unwrap();
+        let _ = a.process.wait_output(WAIT);
+        let (_, out) = load.wait_output(WAIT).unwrap();
+        let summary = out
+            .lines()
+            .find(|l| l.starts_with("loop ok"))
+            .unwrap_or_default();
+        let count = |word: &str| -> u64 {
+            let at = summary.split_whitespace().skip_while(|w| *w != word).nth(1);
+            at.and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        assert!(
+            count("ok") > 0,
+            "{mode}: nothing went through before the kill: {out}"
+        );
+        assert!(
+            count("failed") > 0,
+            "{mode}: connections still succeeded after the kill: {out}"
+        );
+        let plaintext = tcpdump.saw(MARKER).unwrap();
+        assert!(
+            !plaintext,
+            "{mode}: the marker crossed in plaintext after meshd died"
+        );
+        eprintln!("figure: {mode}: meshd SIGKILLed under load: {summary}");
     }
 }

@@ -60,7 +60,8 @@ fn main() {
             None,
             one_connection_nonblocking,
         ),
-        ["loop", addr, secs] => repeat(addr, parse(secs)),
+        ["loop", addr, secs] => repeat(addr, parse(secs), b""),
+        ["loop", addr, secs, marker] => repeat(addr, parse(secs), marker.as_bytes()),
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
         ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
@@ -232,13 +233,15 @@ fn connect(addr: &str) -> std::io::Result<TcpStream> {
     Ok(sock.into())
 }
 
-fn repeat(addr: &str, secs: usize) -> Result<(), String> {
+/// Echoed connections one after another for `secs`, each payload starting with `marker`.
+fn repeat(addr: &str, secs: usize, marker: &[u8]) -> Result<(), String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs as u64);
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut i = 0;
     while std::time::Instant::now() < deadline {
         i += 1;
-        match one_connection(addr, payload(100, i)).and_then(|r| compare(addr, r)) {
+        let sent = [marker, &payload(100, i)].concat();
+        match one_connection(addr, sent).and_then(|r| compare(addr, r)) {
             Ok(_) => ok += 1,
             Err(e) => {
                 failed += 1;
