@@ -111,6 +111,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         egress_policies: proxy::egress::EgressPolicies::new(&cfg.egress_policies)
             .map_err(|e| anyhow::anyhow!(e))?,
         hbone: cfg.hbone,
+        peer_names: Default::default(),
     });
     let cni = match &cfg.pods {
         Some(pods) => {
@@ -212,12 +213,11 @@ fn start_identity(
         &settings.revocation,
     )?);
     let mut clients = HashMap::new();
-    for (name, id) in workload_ids {
+    // `workload_ids` follows `cfg.workloads`, one entry each.
+    for ((name, id), workload) in workload_ids.into_iter().zip(&cfg.workloads) {
         let svid = manager.watch(&id).expect("minted above");
-        clients.insert(
-            name,
-            Arc::new(ClientIdentity::new(id, svid, bundle.clone())),
-        );
+        let client = ClientIdentity::new(id, svid, bundle.clone()).for_workload(workload);
+        clients.insert(name, Arc::new(client));
     }
     let node_svid = manager.watch(&settings.node_id).expect("minted above");
     let server = tls::config::server_config(bundle.clone(), node_svid)?;

@@ -94,6 +94,8 @@ fn istio_metrics_count_bytes_while_a_connection_is_open() {
     ];
     let inbound = [
         ("reporter", "destination"),
+        // Named by the baggage of the CONNECT, believed within the verified namespace.
+        ("source_workload", "checkout"),
         ("source_principal", CHECKOUT),
         ("destination_workload", "orders"),
         ("destination_workload_namespace", "default"),
@@ -280,13 +282,13 @@ fn graph_page_in_headless_chromium_shows_the_edges_and_denials() {
         let end = start + dom[start..].find("</tr>").unwrap();
         dom[start..end].to_string()
     };
-    let www = row("spiffe://cluster.local/ns/default/sa/www");
+    let www = row("default/www");
     assert!(
         www.contains("data-destination=\"default/db\"") && www.contains("data-mtls=\"true\""),
         "{www}"
     );
     assert!(!www.contains("num denied"), "www was never denied: {www}");
-    let auth = row("spiffe://cluster.local/ns/default/sa/auth");
+    let auth = row("default/auth");
     assert!(
         auth.contains("<td class=\"num denied\">1</td>"),
         "auth's request was denied: {auth}"

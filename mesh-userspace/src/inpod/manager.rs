@@ -317,7 +317,8 @@ impl PodServer {
         )?;
         let svid = id.manager.ensure(&spiffe)?;
         let server = tls::config::server_config(id.bundle.clone(), svid.clone())?;
-        let client = Arc::new(ClientIdentity::new(spiffe, svid, id.bundle.clone()));
+        let client = ClientIdentity::new(spiffe, svid, id.bundle.clone()).for_workload(workload);
+        let client = Arc::new(client);
         let pool = Pool::new(self.ctx.mark, self.ctx.metrics.clone(), Some(netns.clone()));
         Ok(((client, pool), server))
     }

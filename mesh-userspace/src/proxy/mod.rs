@@ -63,6 +63,8 @@ pub struct Context {
     pub policy: Arc<crate::policy::reload::Live>,
     /// Limits of the :15008 listeners.
     pub hbone: crate::tunnel::limits::HboneLimits,
+    /// Source workload names peers' `baggage` gave (bounded).
+    pub peer_names: crate::tunnel::baggage::Accepted,
 }
 
 /// Where a listener serves: meshd's own network namespace (host workloads, `pod: None`) or one

@@ -4,6 +4,7 @@
 //! `bridge` copies between an application socket and a stream, with half-close both ways:
 //! END_STREAM is the application's FIN.
 
+pub mod baggage;
 pub mod limits;
 pub mod pool;
 pub mod server;

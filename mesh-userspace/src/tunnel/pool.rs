@@ -38,6 +38,8 @@ pub struct ClientIdentity {
     /// Client configurations by the server identity they insist on (`None`: any SVID of the
     /// trust domain).
     configs: Mutex<HashMap<Option<SpiffeId>, Arc<ClientConfig>>>,
+    /// The `baggage` its CONNECTs carry: the sending workload's names ([`super::baggage`]).
+    baggage: Option<http::HeaderValue>,
 }
 
 impl ClientIdentity {
@@ -51,7 +53,14 @@ impl ClientIdentity {
             svid,
             bundle,
             configs: Mutex::default(),
+            baggage: None,
         }
+    }
+
+    /// Its CONNECTs name `workload` as their source.
+    pub fn for_workload(mut self, workload: &crate::config::Workload) -> ClientIdentity {
+        self.baggage = super::baggage::of(workload);
+        self
     }
 
     /// The configuration whose verifier accepts only `expected` (or any SVID of the trust
@@ -159,7 +168,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let (send, server) = self.checkout(&slot, who, node, &expected).await?;
-            match connect_stream(send, target)
+            match connect_stream(send, target, who.baggage.as_ref())
                 .await
                 .map(|(send, response)| Opened {
                     send,
@@ -256,11 +265,16 @@ impl Pool {
 async fn connect_stream(
     send: SendRequest<Bytes>,
     target: SocketAddrV4,
+    baggage: Option<&http::HeaderValue>,
 ) -> Result<(SendStream<Bytes>, ResponseFuture), TunnelError> {
     let mut send = send.ready().await?;
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri(target.to_string())
+        .uri(target.to_string());
+    if let Some(b) = baggage {
+        request = request.header("baggage", b);
+    }
+    let request = request
         .body(())
         .expect("an ip:port authority is a valid URI");
     let (response, stream) = send.send_request(request, false)?;

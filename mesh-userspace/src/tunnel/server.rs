@@ -159,11 +159,34 @@ async fn tls_handshake(
     }
 }
 
-/// Per connection: streams accepted, and those the peer reset before meshd answered them.
+/// Per connection: streams accepted, those the peer reset before meshd answered them, and the
+/// last `baggage` seen with the caller it named (one connection usually carries one workload).
 #[derive(Default)]
 struct StreamCounts {
     accepted: AtomicU64,
     premature_resets: AtomicU64,
+    baggage: std::sync::Mutex<Option<(http::HeaderValue, Arc<Party>)>>,
+}
+
+/// The caller of one stream: named by its `baggage` when that checks out against the verified
+/// certificate ([`super::baggage`]), else by the certificate alone.
+fn source_of(
+    request: &Request<h2::RecvStream>,
+    verified: &Arc<Party>,
+    counts: &StreamCounts,
+    ctx: &Context,
+) -> Arc<Party> {
+    let Some(baggage) = request.headers().get("baggage") else {
+        return verified.clone();
+    };
+    let mut last = counts.baggage.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, party)) = last.as_ref().filter(|(v, _)| v == baggage) {
+        return party.clone();
+    }
+    let named = ctx.peer_names.party(baggage, verified);
+    let party = named.map_or_else(|| verified.clone(), Arc::new);
+    *last = Some((baggage.clone(), party.clone()));
+    party
 }
 
 /// A connection has abused HTTP/2 reset (CVE-2023-44487) once it opened this many streams and
@@ -322,6 +345,7 @@ async fn stream_task(
     if reset_by_caller(&mut respond, &ctx, &streams) {
         return;
     }
+    let source = source_of(&request, &source, &streams, &ctx);
     let guard = Guard::new(
         ctx.clone(),
         workload.clone(),
