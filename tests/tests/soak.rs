@@ -1,0 +1,148 @@
+//! Soak: a minute of mixed load through the mesh (connection after connection, plus
+//! long-lived connections streaming) with zero errors, and meshd's memory and file descriptors
+//! flat over it and back to their idle count afterwards. `MESHD_SOAK_SECS=600` runs the long
+//! version.
+
+use std::time::{Duration, Instant};
+
+use testhosts::{
+    require_privileges, sibling_binary, start_checkout_orders, vm_rss_kib, MeshCa, Meshd, TestNet,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Four long-lived connections, each echoing 64 KiB messages until the span (argv 2, seconds)
+/// is over; prints the messages exchanged, or fails on the first short or wrong echo.
+const STREAMER: &str = r#"
+import socket, sys, threading, time
+end = time.time() + float(sys.argv[2])
+counts, errors = [], []
+def stream(i):
+    s = socket.create_connection((sys.argv[1], 7000), timeout=30)
+    msg = bytes([i]) * 65536
+    n = 0
+    while time.time() < end:
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            more = s.recv(len(msg) - len(got))
+            if not more:
+                errors.append("closed"); return
+            got += more
+        if got != msg:
+            errors.append("wrong echo"); return
+        n += 1
+    counts.append(n)
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print("streams", sum(counts), "errors", errors, flush=True)
+sys.exit(1 if errors or len(counts) != 4 else 0)
+"#;
+
+fn fds(meshd: &Meshd) -> usize {
+    let dir = format!("/proc/{}/fd", meshd.process.pid());
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// Counts of `word N` in a `loop ok N failed M` summary.
+fn count(summary: &str, word: &str) -> u64 {
+    let at = summary.split_whitespace().skip_while(|w| *w != word).nth(1);
+    at.and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn soak_short() {
+    require_privileges!();
+    let secs: u64 = std::env::var("MESHD_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
+    let (a, b) = start_checkout_orders(&net, &ca, "ebpf", "24h").unwrap();
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    let target = format!("{}:7000", net.node(1).addr);
+    // One connection first, so the pooled tunnel (kept open between loads) counts as idle.
+    let warm_up = [tool.as_str(), "client", &target, "100", "1"];
+    let (status, out) = net
+        .workload(0, "checkout", &warm_up)
+        .unwrap()
+        .wait_output(WAIT)
+        .unwrap();
+    assert!(status.success(), "{out}");
+    let idle = [
+        (vm_rss_kib(a.process.pid()), fds(&a)),
+        (vm_rss_kib(b.process.pid()), fds(&b)),
+    ];
+
+    let span = secs.to_string();
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            net.workload(0, "checkout", &[&tool, "loop", &target, &span])
+                .unwrap()
+        })
+        .collect();
+    let host = net.node(1).addr.to_string();
+    let mut streams = net
+        .workload(0, "checkout", &["python3", "-c", STREAMER, &host, &span])
+        .unwrap();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(5));
+        samples.push((
+            vm_rss_kib(a.process.pid()),
+            fds(&a),
+            vm_rss_kib(b.process.pid()),
+            fds(&b),
+        ));
+    }
+    let mut total = (0, 0);
+    for mut c in churn {
+        let (_, out) = c.wait_output(WAIT).unwrap();
+        let summary = out
+            .lines()
+            .find(|l| l.starts_with("loop ok"))
+            .unwrap_or_default()
+            .to_string();
+        total.0 += count(&summary, "ok");
+        total.1 += count(&summary, "failed");
+        assert_eq!(count(&summary, "failed"), 0, "{out}");
+    }
+    let (status, streamed) = streams.wait_output(WAIT).unwrap();
+    assert!(status.success(), "{streamed}");
+    // Memory flat: the last sample within 20% (+2 MiB) of the one after warm-up.
+    let warm = samples[1.min(samples.len() - 1)];
+    let last = *samples.last().unwrap();
+    for (side, w, l) in [("client", warm.0, last.0), ("server", warm.2, last.2)] {
+        assert!(
+            l <= w + w / 5 + 2048,
+            "{side} meshd RSS grew from {w} to {l} KiB: {samples:?}"
+        );
+    }
+    // Descriptors back to idle once the load is over (connections closed, nothing leaked).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (fds(&a), fds(&b)) != (idle[0].1, idle[1].1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        (fds(&a), fds(&b)),
+        (idle[0].1, idle[1].1),
+        "descriptors left open: {samples:?}"
+    );
+    eprintln!(
+        "figure: soak {secs} s: {} connections, {} failed; {}; RSS KiB client idle {} warm {} \
+         last {}, server idle {} warm {} last {}; fds idle {:?}",
+        total.0,
+        total.1,
+        streamed.trim(),
+        idle[0].0,
+        warm.0,
+        last.0,
+        idle[1].0,
+        warm.2,
+        last.2,
+        (idle[0].1, idle[1].1)
+    );
+}
