@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what a fresh machine lacks,
 //! `build` compiles the eBPF programs and meshd, `test` runs every test (what CI runs), `demo`
-//! is the README's main job (`meshd doctor` and a two-node mesh on test hosts).
+//! is the README's main job (`meshd doctor` and a two-node mesh on test hosts), `fuzz` runs the
+//! parsers of untrusted input under libFuzzer.
 
 mod cmd;
+mod fuzz;
 mod profile;
 mod setup;
 
@@ -18,16 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks (apt packages, rust-src, bpf-linker). Idempotent.
+    /// Install what this machine lacks (apt packages, rust-src, bpf-linker, cargo-fuzz).
+    /// Idempotent.
     Setup,
     /// Build the eBPF object and meshd (release) with the object embedded.
     Build,
     /// Set up, check formatting and lints, build, run every test (privileged ones too), then
-    /// the benchmark's short mode.
+    /// every fuzz target for 10 s and the benchmark's short mode.
     Test {
         /// Passed to the test binaries, e.g. a test-name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Fuzz meshd's parsers of untrusted input (cargo-fuzz, fuzz/): each target for --secs
+    /// seconds; fails on the first crash (its input is left in fuzz/artifacts/TARGET/).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECS)]
+        secs: u32,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// The mode-comparison benchmark (direct, meshd iptables/ebpf, stunnel4 and HAProxy pairs).
     Bench {
@@ -64,6 +76,10 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo { mode } => demo(&mode),
         Task::Bench { short } => bench(short),
+        Task::Fuzz { secs, targets } => {
+            setup::run()?;
+            fuzz::run(secs, &targets)
+        }
         Task::Profile {
             path,
             scenario,
@@ -98,6 +114,8 @@ fn test(args: &[String]) -> Result<()> {
     test_args.extend(args.iter().map(String::as_str));
     cmd::run("cargo", &test_args)?;
     if args.is_empty() {
+        // Bounded: a regression in a parser of untrusted input shows, a long hunt it is not.
+        fuzz::run(fuzz::TEST_SECS, &[])?;
         // Keeps the benchmark working: a few seconds per path.
         bench(true)?;
     }
@@ -106,6 +124,9 @@ fn test(args: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     cmd::run("cargo", &["fmt", "--all", "--", "--check"])?;
+    // The fuzz crate is a workspace of its own.
+    let fuzz_fmt = ["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"];
+    cmd::run("cargo", &fuzz_fmt)?;
     cmd::run(
         "cargo",
         &["clippy", "--all-targets", "--", "-D", "warnings"],

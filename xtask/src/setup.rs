@@ -16,6 +16,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libzstd-dev", "bpf-linker's LLVM link line"),
     ("zlib1g-dev", "bpf-linker's LLVM link line"),
     ("libxml2-dev", "bpf-linker's LLVM link line"),
+    (
+        "g++",
+        "libFuzzer (the fuzz step's engine, built by libfuzzer-sys) is C++",
+    ),
     ("iptables", "--mode=iptables and its tests"),
     ("iproute2", "test hosts: network namespaces and veth links"),
     ("util-linux", "setpriv used by tests"),
@@ -59,6 +63,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// cargo-fuzz release the fuzz step was verified with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// bpf-linker release known to build against LLVM 22 on Rust 1.95.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -88,6 +95,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     rust_components()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     println!("xtask setup: everything is in place");
     Ok(())
 }
@@ -184,4 +192,22 @@ fn bpf_linker() -> Result<()> {
         ])
         .args(["--no-default-features", "--features", "llvm-22"]);
     cmd::status(c).context("cargo install bpf-linker failed: is crates.io reachable?")
+}
+
+/// `cargo fuzz` for the fuzz step of `cargo xtask test` (libFuzzer itself is built from the
+/// libfuzzer-sys crate: a C++ compiler is all it needs).
+fn cargo_fuzz() -> Result<()> {
+    if cmd::succeeds("cargo", &["fuzz", "--version"]) {
+        println!("xtask setup: cargo-fuzz: present");
+        return Ok(());
+    }
+    println!("xtask setup: cargo-fuzz {CARGO_FUZZ_VERSION}: installing (a minute or two)");
+    let args = [
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ];
+    cmd::run("cargo", &args).context("cargo install cargo-fuzz failed: is crates.io reachable?")
 }

@@ -386,6 +386,19 @@ fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, &'static str> {
     }))
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/http1_head.rs`): the request-head parser, with the
+/// head's length and what the gate would see.
+#[doc(hidden)]
+pub fn fuzz_parse_request(buf: &[u8]) -> Result<Option<(usize, Parts)>, &'static str> {
+    parse_request(buf).map(|head| head.map(|h| (h.len, h.parts)))
+}
+
+/// Fuzzing entry point: the response-head parser, with the head's length and status.
+#[doc(hidden)]
+pub fn fuzz_parse_response(buf: &[u8]) -> io::Result<Option<(usize, u16)>> {
+    parse_response(buf).map(|head| head.map(|(len, status, _)| (len, status)))
+}
+
 /// Builds what the gate sees: method, URI (with `Host` as its authority), version, headers.
 fn head_parts(request: &httparse::Request<'_, '_>) -> Result<Parts, &'static str> {
     let (mut parts, ()) = http::Request::new(()).into_parts();
