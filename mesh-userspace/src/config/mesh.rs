@@ -163,6 +163,9 @@ impl IdentityConfig {
         if svid_ttl < Duration::from_secs(1) {
             return Err(err("identity.svid_ttl", "must be at least 1s"));
         }
+        // SVIDs are minted with it: an end date X.509 cannot hold is refused here, not at mint.
+        crate::identity::ca::not_after(std::time::SystemTime::now(), svid_ttl)
+            .map_err(|e| err("identity.svid_ttl", e.to_string()))?;
         for (i, id) in self.revocation.spiffe_ids.iter().enumerate() {
             id.parse::<SpiffeId>().map_err(|e| {
                 err(
@@ -356,6 +359,35 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("second mesh-wide"));
+    }
+
+    /// Found with the config fuzz target (fuzz/fuzz_targets/config_yaml.rs, which mints an SVID
+    /// with an accepted TTL): a TTL this long was accepted, then minting panicked (overflow
+    /// adding duration to date). Its input is in fuzz/corpus/config_yaml/.
+    #[test]
+    fn an_svid_ttl_past_the_year_9999_is_refused() {
+        let identity = |ttl: &str| -> IdentityConfig {
+            let files = "node_cert: /proc/self/status, node_key: /proc/self/status";
+            serde_yaml_ng::from_str(&format!(
+                "{{trust_domain: td, node_name: n, {files}, trust_bundle: [/proc/self/status], \
+                 svid_ttl: {ttl}}}"
+            ))
+            .unwrap()
+        };
+        assert!(identity("87600h").validate().is_ok());
+        for ttl in [
+            "99999999999h",
+            "18446744073709551615s",
+            "18446744073709551615ms",
+        ] {
+            let e = identity(ttl).validate().unwrap_err();
+            assert_eq!(e.field, "identity.svid_ttl");
+            assert!(
+                e.reason.contains("after the year 9999"),
+                "{ttl}: {}",
+                e.reason
+            );
+        }
     }
 
     #[test]

@@ -76,8 +76,17 @@ fn ca_params(common_name: &str, path_len: u8, ttl: Duration) -> Result<Certifica
     params.serial_number = Some(random_serial().into());
     let now = SystemTime::now();
     params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + ttl).into();
+    params.not_after = not_after(now, ttl)?.into();
     Ok(params)
+}
+
+/// The end of a certificate's validity `ttl` after `now`: an error, not an overflow panic, past
+/// the last time X.509 (GeneralizedTime) and rcgen's dates can hold, 9999-12-31T23:59:59Z.
+pub fn not_after(now: SystemTime, ttl: Duration) -> Result<SystemTime> {
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    let fits = |t: &SystemTime| (t.duration_since(SystemTime::UNIX_EPOCH)).is_ok_and(|d| d <= LAST);
+    (now.checked_add(ttl).filter(fits))
+        .with_context(|| format!("a validity of {ttl:?} from now ends after the year 9999"))
 }
 
 /// 16 random bytes, top bit clear so the DER integer is positive.
@@ -121,5 +130,39 @@ impl Issuer {
         let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key)
             .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
         Ok(Issuer { issuer, cert })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found with the config fuzz target (fuzz/fuzz_targets/config_yaml.rs): SVID minting, and
+    /// `meshd ca issue-node --ttl` likewise, panicked (overflow adding duration to date) for a
+    /// validity past the year 9999; both are errors now.
+    #[test]
+    fn a_validity_past_the_year_9999_is_an_error_not_a_panic() {
+        let (hour, huge) = (
+            Duration::from_secs(3600),
+            Duration::from_secs(99_999_999_999 * 3600),
+        );
+        let now = SystemTime::now();
+        assert!(not_after(now, hour).is_ok());
+        for ttl in [huge, Duration::MAX] {
+            assert!(not_after(now, ttl).is_err(), "{ttl:?}");
+        }
+        let dir = std::env::temp_dir().join(format!("meshd-ca-ttl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init(&dir, "cluster.local").unwrap();
+        let e = issue_node(&dir, "n", huge).unwrap_err();
+        assert!(e.to_string().contains("year 9999"), "{e}");
+        let (cert, key) = issue_node(&dir, "n", hour).unwrap();
+        let issuer = Issuer::load(&cert, &key).unwrap();
+        let id = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        for ttl in [huge, Duration::MAX] {
+            assert!(crate::identity::svid::mint(&issuer, &id, ttl).is_err());
+        }
+        assert!(crate::identity::svid::mint(&issuer, &id, hour).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

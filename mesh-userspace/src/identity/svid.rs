@@ -56,7 +56,12 @@ impl Svid {
 /// An SVID for `id` valid for `ttl` from now.
 pub fn mint(issuer: &Issuer, id: &SpiffeId, ttl: Duration) -> Result<Svid> {
     let now = SystemTime::now();
-    mint_valid(issuer, id, now - CLOCK_SKEW, now + ttl)
+    mint_valid(
+        issuer,
+        id,
+        now - CLOCK_SKEW,
+        super::ca::not_after(now, ttl)?,
+    )
 }
 
 /// An SVID with an explicit validity window (tests make expired and future ones with it).
