@@ -201,18 +201,35 @@ pub fn start_checkout_orders_with(
     ttl: &str,
     proxy_extra: &str,
 ) -> Result<(Meshd, Meshd)> {
-    let client = [WorkloadSpec {
-        name: "checkout",
-        ports: &[],
-    }];
-    let server = [WorkloadSpec {
-        name: "orders",
-        ports: &[7000],
-    }];
     let config = |node| format!("{proxy_extra}{}", ca.config(node, ttl, &[]));
-    let a = net.start_meshd_with(0, mode, &client, &config(0))?;
-    let b = net.start_meshd_with(1, mode, &server, &config(1))?;
+    let a = net.start_meshd_with(0, mode, &CHECKOUT, &config(0))?;
+    let b = net.start_meshd_with(1, mode, &ORDERS, &config(1))?;
     Ok((a, b))
+}
+
+/// The standard mesh's client workload on node 0.
+pub const CHECKOUT: [WorkloadSpec; 1] = [WorkloadSpec {
+    name: "checkout",
+    ports: &[],
+}];
+
+/// The standard mesh's server workload on node 1 (its echo server listens on :7000).
+pub const ORDERS: [WorkloadSpec; 1] = [WorkloadSpec {
+    name: "orders",
+    ports: &[7000],
+}];
+
+/// The (ok, failed) counts of `testhosts-tool loop`'s summary line in `out`.
+pub fn loop_counts(out: &str) -> (u64, u64) {
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("loop ok"))
+        .unwrap_or_default();
+    let count = |word: &str| {
+        let at = summary.split_whitespace().skip_while(|w| *w != word).nth(1);
+        at.and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    (count("ok"), count("failed"))
 }
 
 /// A mesh CA for a test net: a root and one node intermediate per node, made with `meshd ca`,

@@ -7,7 +7,10 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testhosts::{require_privileges, sibling_binary, Capture, MeshCa, TestNet, WorkloadSpec};
+use testhosts::{
+    loop_counts, require_privileges, sibling_binary, start_checkout_orders, Capture, MeshCa,
+    TestNet, ORDERS,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Application bytes the packet capture looks for (`tests/tests/mesh.rs` shows the capture
@@ -41,20 +44,7 @@ fn peer_meshd_dies_mid_stream_then_the_pool_recovers() {
         let net = TestNet::new(2).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-        let client = [WorkloadSpec {
-            name: "checkout",
-            ports: &[],
-        }];
-        let server = [WorkloadSpec {
-            name: "orders",
-            ports: &[7000],
-        }];
-        let _a = net
-            .start_meshd_with(0, mode, &client, &ca.config(0, "24h", &[]))
-            .unwrap();
-        let mut b = net
-            .start_meshd_with(1, mode, &server, &ca.config(1, "24h", &[]))
-            .unwrap();
+        let (_a, mut b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
         let target = net.node(1).addr.to_string();
         let mut held = net
             .workload(0, "checkout", &["python3", "-c", HOLDING_CLIENT, &target])
@@ -95,7 +85,7 @@ fn peer_meshd_dies_mid_stream_then_the_pool_recovers() {
 
         // The peer returns: the next connections go through a new tunnel.
         let _b = net
-            .start_meshd_with(1, mode, &server, &ca.config(1, "24h", &[]))
+            .start_meshd_with(1, mode, &ORDERS, &ca.config(1, "24h", &[]))
             .unwrap();
         let deadline = Instant::now() + WAIT;
         loop {
@@ -124,30 +114,24 @@ fn sigkill_under_load_fails_closed() {
         let net = TestNet::new(2).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-        let (mut a, _b) = testhosts::start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let (mut a, _b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
         let tool = sibling_binary("testhosts-tool").display().to_string();
         let target = format!("{}:7000", net.node(1).addr);
         let tcpdump = Capture::start(&net, 0).unwrap();
         let argv = [tool.as_str(), "loop", &target, "4", MARKER];
         let mut load = net.workload(0, "checkout", &argv).unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
+        // The load is flowing once meshd has logged a few of its connections.
+        a.wait_access(&["direction=outbound"], 10).unwrap();
         a.process.signal(Signal::SIGKILL).unwrap();
         let _ = a.process.wait_output(WAIT);
         let (_, out) = load.wait_output(WAIT).unwrap();
-        let summary = out
-            .lines()
-            .find(|l| l.starts_with("loop ok"))
-            .unwrap_or_default();
-        let count = |word: &str| -> u64 {
-            let at = summary.split_whitespace().skip_while(|w| *w != word).nth(1);
-            at.and_then(|n| n.parse().ok()).unwrap_or(0)
-        };
+        let (ok, failed) = loop_counts(&out);
         assert!(
-            count("ok") > 0,
+            ok > 0,
             "{mode}: nothing went through before the kill: {out}"
         );
         assert!(
-            count("failed") > 0,
+            failed > 0,
             "{mode}: connections still succeeded after the kill: {out}"
         );
         let plaintext = tcpdump.saw(MARKER).unwrap();
@@ -155,6 +139,6 @@ fn sigkill_under_load_fails_closed() {
             !plaintext,
             "{mode}: the marker crossed in plaintext after meshd died"
         );
-        eprintln!("figure: {mode}: meshd SIGKILLed under load: {summary}");
+        eprintln!("figure: {mode}: meshd SIGKILLed under load: loop ok {ok} failed {failed}");
     }
 }

@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use testhosts::{
-    require_privileges, sibling_binary, vm_rss_kib, MeshCa, Meshd, TestNet, WorkloadSpec,
-};
+use testhosts::{require_privileges, sibling_binary, vm_rss_kib, MeshCa, Meshd, TestNet, ORDERS};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -30,12 +28,8 @@ impl Scene {
         let net = TestNet::new(2).unwrap();
         let ca = MeshCa::new(&net).unwrap();
         let server = net.echo_server(0, Some("orders"), "0.0.0.0:7000").unwrap();
-        let spec = [WorkloadSpec {
-            name: "orders",
-            ports: &[7000],
-        }];
         let extra = format!("{}{LIMITS}", ca.config(0, "24h", &[]));
-        let meshd = net.start_meshd_with(0, "ebpf", &spec, &extra).unwrap();
+        let meshd = net.start_meshd_with(0, "ebpf", &ORDERS, &extra).unwrap();
         let node0 = net.node(0).addr;
         Scene {
             meshd,

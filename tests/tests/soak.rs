@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use testhosts::{
-    require_privileges, sibling_binary, start_checkout_orders, vm_rss_kib, MeshCa, Meshd, TestNet,
+    loop_counts, require_privileges, sibling_binary, start_checkout_orders, vm_rss_kib, MeshCa,
+    Meshd, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -42,12 +43,6 @@ sys.exit(1 if errors or len(counts) != 4 else 0)
 fn fds(meshd: &Meshd) -> usize {
     let dir = format!("/proc/{}/fd", meshd.process.pid());
     std::fs::read_dir(dir).map_or(0, |d| d.count())
-}
-
-/// Counts of `word N` in a `loop ok N failed M` summary.
-fn count(summary: &str, word: &str) -> u64 {
-    let at = summary.split_whitespace().skip_while(|w| *w != word).nth(1);
-    at.and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -101,14 +96,10 @@ fn soak_short() {
     let mut total = (0, 0);
     for mut c in churn {
         let (_, out) = c.wait_output(WAIT).unwrap();
-        let summary = out
-            .lines()
-            .find(|l| l.starts_with("loop ok"))
-            .unwrap_or_default()
-            .to_string();
-        total.0 += count(&summary, "ok");
-        total.1 += count(&summary, "failed");
-        assert_eq!(count(&summary, "failed"), 0, "{out}");
+        let (ok, failed) = loop_counts(&out);
+        total.0 += ok;
+        total.1 += failed;
+        assert_eq!(failed, 0, "{out}");
     }
     let (status, streamed) = streams.wait_output(WAIT).unwrap();
     assert!(status.success(), "{streamed}");

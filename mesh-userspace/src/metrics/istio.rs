@@ -53,9 +53,10 @@ impl Party {
     /// and its canonical service as Istio derives it from labels (`service.istio.io/
     /// canonical-name`, `app.kubernetes.io/name`, `app`, else the workload's name).
     pub fn of(w: &crate::config::Workload, trust_domain: Option<&str>) -> Party {
-        let principal = trust_domain.map_or(unknown(), |td| {
-            format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account).into()
+        let id = trust_domain.and_then(|td| {
+            crate::identity::SpiffeId::new(td, &w.namespace, &w.service_account).ok()
         });
+        let principal = id.map_or(unknown(), |id| id.to_string().into());
         let app = [
             "service.istio.io/canonical-name",
             "app.kubernetes.io/name",
