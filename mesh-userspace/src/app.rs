@@ -1,7 +1,10 @@
-//! `meshd run`: bind every listener first (a taken port fails before anything is attached),
-//! answer health and admin requests at once (not ready while starting), install the
-//! interception, serve until SIGTERM/SIGINT or `/quitquitquit`; then drain: not ready, no new
-//! connections, the open ones given up to the drain timeout; then remove the interception.
+//! `meshd run`: take the listening sockets of a meshd already running in this namespace (a
+//! restart without a gap, [`crate::handover`]) or bind them (a taken port fails before anything
+//! is attached), answer health and admin requests at once (not ready while starting), install
+//! the interception (taking over what an earlier meshd pinned), serve until SIGTERM/SIGINT,
+//! `/quitquitquit` or a successor that serves; then drain: not ready, no new connections, the
+//! open ones given up to the drain timeout. Interception stays: until the next meshd serves,
+//! connections fail closed; `meshd cleanup` removes it.
 
 use std::{
     collections::HashMap,
@@ -20,6 +23,7 @@ use tokio::{
 use crate::{
     admin::{self, dump::View, Port, State},
     config::{IdentitySettings, Validated},
+    handover::{Phase, Sockets},
     identity::{IdentityManager, IssuerFiles, SpiffeId},
     inpod::manager::{PodIdentity, PodManager},
     intercept::{ebpf, iptables, Interception, Mode},
@@ -37,29 +41,42 @@ use crate::{
 /// How often the interception's state (map fill levels, rules) is logged.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
-fn listen(ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
-    let addr = SocketAddr::new(ip.into(), port);
-    let std = std::net::TcpListener::bind(addr).with_context(|| {
-        format!("cannot listen on {addr}: is another meshd (or another program) using port {port}?")
-    })?;
-    std.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(std)?)
+/// A listening socket of meshd's own namespace: handed over by the running meshd, or bound.
+fn listen(sockets: &Sockets, name: &str, ip: Ipv4Addr, port: u16) -> Result<Arc<TcpListener>> {
+    sockets.tcp(name, || {
+        let addr = SocketAddr::new(ip.into(), port);
+        std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr}: is another program using port {port}?")
+        })
+    })
 }
 
 pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<()> {
     crate::inpod::netns::remember_home().context("open meshd's own network namespace")?;
-    let state_dir = (cfg.pods.as_ref()).map_or(crate::config::default_state_dir(), |p| {
+    let state_dir = (cfg.pods.as_ref()).map_or(cfg.proxy.state_dir.clone(), |p| {
         p.settings.state_dir.clone()
     });
-    let reserved = ReservedPorts(crate::sys::reserved_ports_record(&state_dir)?);
-    match crate::sys::reserve_ports(&ports::ALL, &reserved.0) {
-        Ok(list) => tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use"),
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reserve meshd's ports"),
-    }
-    let outbound_listener = listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?;
-    let inbound_listener = listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?;
+    let sockets = Sockets::start(&state_dir).context("take over from the running meshd")?;
+    let mut reserved = ReservedPorts::reserve(&state_dir)?;
+    let outbound_listener = listen(
+        &sockets,
+        "node/outbound",
+        Ipv4Addr::LOCALHOST,
+        ports::OUTBOUND,
+    )?;
+    let inbound_listener = listen(
+        &sockets,
+        "node/inbound",
+        Ipv4Addr::UNSPECIFIED,
+        ports::INBOUND_PLAINTEXT,
+    )?;
     let hbone_listener = match cfg.identity {
-        Some(_) => Some(listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_HBONE)?),
+        Some(_) => Some(listen(
+            &sockets,
+            "node/hbone",
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_HBONE,
+        )?),
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
@@ -70,7 +87,13 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         (Ipv4Addr::LOCALHOST, ports::ADMIN, Port::Admin),
     ];
     for (ip, port, which) in endpoints {
-        tokio::spawn(admin::serve(listen(ip, port)?, state.clone(), which));
+        let listener = listen(&sockets, &format!("node/{which:?}"), ip, port)?;
+        tokio::spawn(admin::serve(
+            listener,
+            state.clone(),
+            which,
+            sockets.clone(),
+        ));
     }
     // Before anything is installed: a broken policy file stops start-up cleanly.
     let policy = Arc::new(Live::load(cfg.policies.clone()).context("authorization policy")?);
@@ -86,9 +109,11 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
 
     let bundle = pod_identity.as_ref().map(|p| p.bundle.clone());
     let interception: Arc<dyn Interception> = match mode {
-        Mode::Ebpf => Arc::new(ebpf::install(&cfg, &inbound_listener)?),
+        Mode::Ebpf => Arc::new(ebpf::install(&cfg, &*inbound_listener)?),
         Mode::Iptables => Arc::new(iptables::install(&cfg)?),
     };
+    // From here on interception outlives this process: the ports stay reserved with it.
+    reserved.keep();
     let mut inbound_workloads = HashMap::new();
     for w in &cfg.workloads {
         for port in &w.ports {
@@ -112,6 +137,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
             .map_err(|e| anyhow::anyhow!(e))?,
         hbone: cfg.hbone,
         peer_names: Default::default(),
+        sockets: sockets.clone(),
     });
     let cni = match &cfg.pods {
         Some(pods) => {
@@ -122,7 +148,8 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
             ));
             // Pods recorded by an earlier meshd are served again before anything new is taken.
             manager.readopt().await?;
-            let socket = crate::inpod::server::bind(&pods.settings.cni_socket)?;
+            let path = &pods.settings.cni_socket;
+            let socket = sockets.unix("node/cni", || crate::inpod::server::bind(path))?;
             Some((socket, manager))
         }
         None => None,
@@ -140,15 +167,17 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
     let workloads: Vec<&str> = cfg.workloads.iter().map(|w| w.name.as_str()).collect();
+    let took_over = sockets.has_predecessor();
+    sockets.serving().context("serve the handover socket")?;
     state.health.serving();
     tracing::info!(%mode, workloads = ?workloads, inbound_ports = ?cfg.inbound_ports(),
-        "meshd ready");
+        took_over, "meshd ready");
 
     let served = tokio::select! {
-        _ = proxy::accept_loop(outbound_listener, ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
-        _ = proxy::accept_loop(inbound_listener, ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
-        _ = serve_cni(cni) => Ok(()),
-        _ = serve_hbone(hbone_listener, ctx.clone(), hbone_tls) => Ok(()),
+        _ = proxy::accept_loop(outbound_listener.clone(), ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
+        _ = proxy::accept_loop(inbound_listener.clone(), ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
+        _ = serve_cni(cni, &sockets) => Ok(()),
+        _ = serve_hbone(hbone_listener.clone(), ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
         _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
@@ -157,24 +186,59 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
             tracing::info!("shutting down: /quitquitquit");
             Ok(())
         }
+        _ = sockets.reached(Phase::Draining) => Ok(()),
     };
-    // The listeners above are closed: new connections are refused (never passed around meshd).
+    // No new connection is accepted from here on; the listening sockets stay open (connections
+    // queue on them) for a successor, which can still take them over while this one drains.
+    sockets.enter(Phase::Draining);
     state.health.draining();
     drain(&metrics, drain_timeout).await;
     tracing::info!(status = %interception.status(), "stopping");
-    interception.uninstall().context("remove interception")?;
-    drop(reserved);
-    tracing::info!("meshd stopped; interception removed");
+    sockets.close();
+    match sockets.phase() {
+        Phase::HandedOver => tracing::info!("meshd stopped; the new meshd serves"),
+        _ => tracing::info!(
+            "meshd stopped; interception left in place: connections fail closed until the next \
+             meshd serves (`meshd cleanup` removes it)"
+        ),
+    }
     served
 }
 
-/// The ports this meshd added to the namespace's reserved ports (recorded in this file): given
-/// back however `run` ends, a failed start included; after a SIGKILL, `meshd cleanup` does it.
-struct ReservedPorts(std::path::PathBuf);
+/// The ports this meshd added to the namespace's reserved ports (recorded in a file): given
+/// back if start-up fails before interception is installed; after that they stay reserved with
+/// the interception, and `meshd cleanup` gives them back.
+struct ReservedPorts {
+    record: std::path::PathBuf,
+    kept: bool,
+}
+
+impl ReservedPorts {
+    fn reserve(state_dir: &std::path::Path) -> Result<ReservedPorts> {
+        let record = crate::sys::reserved_ports_record(state_dir)?;
+        match crate::sys::reserve_ports(&ports::ALL, &record) {
+            Ok(list) => {
+                tracing::debug!(reserved = %list, "meshd's ports reserved from ephemeral use")
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reserve meshd's ports"),
+        }
+        Ok(ReservedPorts {
+            record,
+            kept: false,
+        })
+    }
+
+    fn keep(&mut self) {
+        self.kept = true;
+    }
+}
 
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
-        if let Err(e) = crate::sys::release_reserved_ports(&self.0) {
+        if self.kept {
+            return;
+        }
+        if let Err(e) = crate::sys::release_reserved_ports(&self.record) {
             tracing::warn!(error = %format!("{e:#}"), "cannot release meshd's reserved ports");
         }
     }
@@ -233,15 +297,22 @@ fn start_identity(
     Ok((tunnels, server, pods))
 }
 
-async fn serve_cni(cni: Option<(tokio::net::UnixListener, Arc<PodManager>)>) {
+async fn serve_cni(
+    cni: Option<(Arc<tokio::net::UnixListener>, Arc<PodManager>)>,
+    sockets: &Sockets,
+) {
     match cni {
-        Some((socket, manager)) => crate::inpod::server::serve(socket, manager).await,
+        Some((socket, manager)) => tokio::select! {
+            _ = crate::inpod::server::serve(socket, manager) => {}
+            // ADDs arriving later wait on the socket for the next meshd.
+            _ = sockets.reached(Phase::Draining) => {}
+        },
         None => std::future::pending().await,
     }
 }
 
 async fn serve_hbone(
-    listener: Option<TcpListener>,
+    listener: Option<Arc<TcpListener>>,
     ctx: Arc<Context>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {

@@ -20,26 +20,30 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Removes meshd's pinned objects except the subdirectory `keep` (the pods' pins, which a
-/// restarting meshd takes over); returns what was removed.
-pub fn remove_pins_except(dir: &Path, keep: &str) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    if !dir.exists() {
-        return Ok(removed);
+/// Every pinned object and directory under `dir` (none when it does not exist).
+pub fn pins(dir: &Path) -> Result<std::collections::HashSet<PathBuf>> {
+    let mut all = Vec::new();
+    if dir.exists() {
+        collect(dir, &mut all)?;
     }
-    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-        let path = entry?.path();
-        if path.file_name().is_some_and(|n| n == keep) {
-            continue;
-        }
-        if path.is_dir() {
-            removed.extend(remove_pins(&path)?);
-        } else {
-            std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-        }
-        removed.push(path);
+    Ok(all.into_iter().collect())
+}
+
+/// Removes what was pinned under `dir` since [`pins`] returned `before` (deepest first).
+pub fn remove_pins_added(dir: &Path, before: &std::collections::HashSet<PathBuf>) -> Result<()> {
+    let mut added: Vec<PathBuf> = pins(dir)?.difference(before).cloned().collect();
+    added.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for path in added {
+        let removed = match path.is_dir() {
+            true => std::fs::remove_dir(&path),
+            false => std::fs::remove_file(&path),
+        };
+        removed.with_context(|| format!("remove {}", path.display()))?;
     }
-    Ok(removed)
+    if before.is_empty() && dir.exists() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

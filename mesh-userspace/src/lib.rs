@@ -7,6 +7,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod intercept;

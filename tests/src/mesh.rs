@@ -64,8 +64,9 @@ impl Meshd {
 }
 
 impl Drop for Meshd {
-    /// Stops meshd the way an operator would (SIGTERM), so it removes its own programs and
-    /// rules; a meshd that does not stop in time is killed by the process handle.
+    /// Stops meshd the way an operator would (SIGTERM): it drains and leaves its interception
+    /// for a successor (the net's drop removes that); a meshd that does not stop in time is
+    /// killed by the process handle.
     fn drop(&mut self) {
         if self
             .process
@@ -127,9 +128,16 @@ impl TestNet {
     pub fn meshd_config_yaml(&self, node: usize, workloads: &str, extra: &str) -> Result<String> {
         let pin_dir = self.pin_dir()?.join(format!("n{node}"));
         Ok(format!(
-            "workloads:\n{workloads}proxy:\n  pin_dir: {}\n{extra}",
-            pin_dir.display()
+            "workloads:\n{workloads}proxy:\n  pin_dir: {}\n  state_dir: {}\n{extra}",
+            pin_dir.display(),
+            self.state_dir(node).display()
         ))
+    }
+
+    /// meshd's state directory on `node` (handover socket, reserved-port record), removed with
+    /// the net.
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-n{node}-state", self.id()))
     }
 
     /// Starts meshd on `node` in `mode` and waits until it is ready.

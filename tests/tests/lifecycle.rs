@@ -1,5 +1,6 @@
-//! meshd's lifecycle on a node: a clean stop (SIGTERM) and a crash (kill -9) followed by
-//! `meshd cleanup` both leave no program, link, pinned object or rule behind; misconfiguration
+//! meshd's lifecycle on a node: a clean stop (SIGTERM) and a crash (kill -9) both leave the
+//! interception failing closed, and `meshd cleanup` then leaves no program, link, pinned object,
+//! rule or reserved port behind; misconfiguration
 //! stops it at start with a message that names the problem.
 
 use std::{path::Path, process::Command, time::Duration};
@@ -51,11 +52,35 @@ fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
     left
 }
 
+/// Runs `meshd cleanup` in node 0 and expects nothing of meshd's to be left.
+fn cleanup_removes_everything(net: &TestNet, meshd: &Meshd, mode: &str) {
+    let bin = meshd_bin().display().to_string();
+    let pin_dir = meshd.pin_dir.display().to_string();
+    let state_dir = net.state_dir(0).display().to_string();
+    let out = net
+        .exec(
+            0,
+            &[
+                &bin,
+                "cleanup",
+                "--pin-dir",
+                &pin_dir,
+                "--state-dir",
+                &state_dir,
+            ],
+        )
+        .unwrap();
+    assert_eq!(installed(net, meshd), Vec::<String>::new(), "{mode}: {out}");
+}
+
+/// SIGTERM drains and exits, leaving the interception for the next meshd (a plaintext client
+/// is refused meanwhile); `meshd cleanup` is what removes it.
 #[test]
-fn sigterm_removes_everything_meshd_installed() {
+fn sigterm_leaves_interception_failing_closed_and_cleanup_removes_it() {
     require_privileges!();
     for mode in MODES {
         let net = TestNet::new(2).unwrap();
+        let _server = net.echo_server(0, Some("orders"), "0.0.0.0:7000").unwrap();
         let mut meshd = net.start_meshd(0, mode, &ORDERS).unwrap();
         let running = installed(&net, &meshd);
         // ebpf: pins, cgroup programs, the netns link; iptables: the rules; both: reserved ports.
@@ -64,8 +89,16 @@ fn sigterm_removes_everything_meshd_installed() {
         meshd.process.signal(Signal::SIGTERM).unwrap();
         let (status, log) = meshd.process.wait_output(WAIT).unwrap();
         assert!(status.success(), "{mode}: {log}");
-        assert!(log.contains("interception removed"), "{mode}: {log}");
-        assert_eq!(installed(&net, &meshd), Vec::<String>::new(), "{mode}");
+        assert!(log.contains("interception left in place"), "{mode}: {log}");
+        assert_eq!(installed(&net, &meshd).len(), expected, "{mode}");
+        let tool = testhosts::sibling_binary("testhosts-tool");
+        let target = format!("{}:7000", net.node(0).addr);
+        let around = net.exec(1, &[tool.to_str().unwrap(), "client", &target, "100", "1"]);
+        assert!(
+            around.is_err(),
+            "{mode}: served around a stopped meshd: {around:?}"
+        );
+        cleanup_removes_everything(&net, &meshd, mode);
     }
 }
 
@@ -83,16 +116,7 @@ fn kill_9_then_cleanup_removes_everything() {
             !installed(&net, &meshd).is_empty(),
             "{mode}: nothing left after kill -9?"
         );
-        let bin = meshd_bin().display().to_string();
-        let pin_dir = meshd.pin_dir.display().to_string();
-        let out = net
-            .exec(0, &[&bin, "cleanup", "--pin-dir", &pin_dir])
-            .unwrap();
-        assert_eq!(
-            installed(&net, &meshd),
-            Vec::<String>::new(),
-            "{mode}: {out}"
-        );
+        cleanup_removes_everything(&net, &meshd, mode);
     }
 }
 

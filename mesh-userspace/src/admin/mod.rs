@@ -51,16 +51,29 @@ impl State {
 }
 
 /// Which listener a request came to: each answers its own paths.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
     Metrics,
     Health,
     Admin,
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<State>, port: Port) {
+/// Answers on `listener` until a successor meshd serves (while draining, health still says so).
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    state: Arc<State>,
+    port: Port,
+    sockets: Arc<crate::handover::Sockets>,
+) {
+    let handed_over = sockets.reached(crate::handover::Phase::HandedOver);
+    tokio::pin!(handed_over);
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut handed_over => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((conn, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };

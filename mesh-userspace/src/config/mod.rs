@@ -160,6 +160,11 @@ pub struct ProxySettings {
     /// bpffs directory for meshd's pinned links and maps.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// Where meshd keeps what outlives one process: the handover socket a restarted meshd
+    /// takes the listeners from, the record of reserved ports (`pods.state_dir` when pods are
+    /// served).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// Threads serving connections. 1 (default): one event loop, no cross-thread wake-ups, for
     /// nodes where meshd shares few cores with the workloads. More threads pay off when meshd
     /// has cores to itself (the benchmark has no multi-worker path: measure on your node).
@@ -195,6 +200,7 @@ impl Default for ProxySettings {
             mark: default_mark(),
             uid: None,
             pin_dir: default_pin_dir(),
+            state_dir: default_state_dir(),
             worker_threads: default_worker_threads(),
             sk_msg_bypass: false,
         }

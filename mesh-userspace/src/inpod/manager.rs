@@ -198,7 +198,10 @@ impl PodManager {
             Netns::open(&info.netns)
                 .with_context(|| format!("open the pod's namespace {}", info.netns.display()))?,
         );
-        let listen = |ip: Ipv4Addr, port: u16| listen_in(&netns, ip, port);
+        let listen = |ip: Ipv4Addr, port: u16| {
+            let name = format!("pod/{}/{port}", info.container_id);
+            self.ctx.sockets.tcp(&name, || listen_in(&netns, ip, port))
+        };
         let listeners = Listeners {
             outbound: listen(Ipv4Addr::LOCALHOST, ports::OUTBOUND)?,
             inbound: listen(Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)?,
@@ -232,9 +235,9 @@ impl PodManager {
 
 /// A pod's listening sockets, made inside its namespace.
 struct Listeners {
-    outbound: TcpListener,
-    inbound: TcpListener,
-    hbone: Option<TcpListener>,
+    outbound: Arc<TcpListener>,
+    inbound: Arc<TcpListener>,
+    hbone: Option<Arc<TcpListener>>,
 }
 
 /// What serving one pod needs, owned by the pod's task.
@@ -354,8 +357,8 @@ async fn serve_listeners(
 /// Connections a pod may make before meshd knows who it is (they wait, accepted by the kernel).
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// A listener made inside the pod's namespace, served from meshd's event loop.
-fn listen_in(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
+/// A listener made inside the pod's namespace (served from meshd's event loop).
+fn listen_in(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<std::net::TcpListener> {
     let addr = SocketAddr::new(ip.into(), port);
     let std = netns
         .run(|| {
@@ -370,7 +373,7 @@ fn listen_in(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<TcpListener> {
             Ok(std::net::TcpListener::from(sock))
         })
         .with_context(|| format!("listen on {addr} inside {}", netns.path.display()))?;
-    Ok(TcpListener::from_std(std)?)
+    Ok(std)
 }
 
 /// The pod as the proxy stages see a workload.

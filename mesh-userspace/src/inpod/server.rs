@@ -19,18 +19,18 @@ use super::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the socket (replacing a stale one left by an earlier meshd).
-pub fn bind(path: &Path) -> Result<UnixListener> {
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, pods: Arc<PodManager>) {
+pub async fn serve(listener: Arc<UnixListener>, pods: Arc<PodManager>) {
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {

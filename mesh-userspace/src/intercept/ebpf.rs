@@ -36,6 +36,8 @@ use crate::{config::Validated, proxy::Scope};
 /// Pins for pods live here, apart from the node's: they outlive a meshd that stops, so pods
 /// fail closed until the next meshd takes their links over.
 const PODS_PIN_DIR: &str = "pods";
+/// The maps shared with the next meshd ([`super::load_object_sharing_maps`]).
+const MAPS_PIN_DIR: &str = "maps";
 
 pub struct EbpfInterception {
     /// Keeps the programs and maps loaded for as long as meshd runs (and holds the pods'
@@ -46,7 +48,6 @@ pub struct EbpfInterception {
     by_tuple_fd: OwnedFd,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
-    pin_dir: PathBuf,
     workloads: Workloads,
     bypass: Bypass,
     /// Cookie of meshd's own network namespace (host workloads' record keys).
@@ -85,19 +86,22 @@ enum Bypass {
 }
 
 /// Loads, configures and attaches everything; `inbound_listener` is the :15006 socket that
-/// sk_lookup hands captured connections to.
-/// A failure half-way removes what was pinned so far.
+/// sk_lookup hands captured connections to. Links and maps an earlier meshd pinned are taken
+/// over. A failure half-way removes only what this start pinned: a meshd that still runs (this
+/// one was to succeed it) or the capture a dead one left stays in place.
 pub fn install(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
     crate::sys::ensure_bpffs()?;
+    let before = crate::cleanup::pins(&cfg.proxy.pin_dir)?;
     attach_all(cfg, inbound_listener).inspect_err(|_| {
-        let _ = crate::cleanup::remove_pins_except(&cfg.proxy.pin_dir, PODS_PIN_DIR);
+        let _ = crate::cleanup::remove_pins_added(&cfg.proxy.pin_dir, &before);
     })
 }
 
 fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfInterception> {
     let pin_dir = cfg.proxy.pin_dir.clone();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("create {}", pin_dir.display()))?;
-    let mut bpf = super::load_object().context("load meshd's eBPF object")?;
+    let mut bpf = super::load_object_sharing_maps(&pin_dir.join(MAPS_PIN_DIR))
+        .context("load meshd's eBPF object")?;
     for prog in [names::PROG_SOCKOPS, names::PROG_SOCKOPS_BYPASS] {
         program::<SockOps>(&mut bpf, prog)?
             .load()
@@ -155,7 +159,6 @@ fn attach_all(cfg: &Validated, inbound_listener: &impl AsRawFd) -> Result<EbpfIn
         by_tuple_fd,
         by_cookie,
         counters,
-        pin_dir,
         workloads: Workloads::new(&cfg.workloads),
         bypass,
     })
@@ -377,20 +380,29 @@ fn fill_settings(
     inbound: &impl AsRawFd,
     bypass: bool,
 ) -> Result<()> {
-    let mut settings: HashMap<_, u16, u8> =
+    // The maps may hold an earlier meshd's settings: add this configuration's first, then drop
+    // what it no longer lists, so that no port is left uncaptured in between.
+    let mut excluded: HashMap<_, u16, u8> =
         HashMap::try_from(map(bpf, names::MAP_EXCLUDED_PORTS)?)?;
-    for port in &cfg.excluded_ports {
-        settings.insert(port, 1, 0)?;
-    }
+    sync_set(&mut excluded, cfg.excluded_ports.iter().copied())?;
     let mut cidrs: LpmTrie<_, u32, u8> = LpmTrie::try_from(map(bpf, names::MAP_EXCLUDED_CIDRS)?)?;
-    for c in &cfg.excluded_cidrs {
-        cidrs.insert(&Key::new(u32::from(c.prefix), ip_key(c.addr)), 1, 0)?;
+    let wanted: Vec<Key<u32>> = (cfg.excluded_cidrs.iter())
+        .map(|c| Key::new(u32::from(c.prefix), ip_key(c.addr)))
+        .collect();
+    for key in &wanted {
+        cidrs.insert(key, 1, 0)?;
+    }
+    let same =
+        |a: &Key<u32>, b: &Key<u32>| (a.prefix_len(), a.data()) == (b.prefix_len(), b.data());
+    let stale: Vec<Key<u32>> = (cidrs.keys().filter_map(Result::ok))
+        .filter(|k| !wanted.iter().any(|w| same(w, k)))
+        .collect();
+    for key in stale {
+        cidrs.remove(&key)?;
     }
     let mut inbound_ports: HashMap<_, u16, u8> =
         HashMap::try_from(map(bpf, names::MAP_INBOUND_PORTS)?)?;
-    for port in cfg.inbound_ports() {
-        inbound_ports.insert(port, 1, 0)?;
-    }
+    sync_set(&mut inbound_ports, cfg.inbound_ports())?;
     let mut listener = SockMap::try_from(map(bpf, names::MAP_INBOUND_LISTENER)?)?;
     listener
         .set(0, inbound, 0)
@@ -405,6 +417,24 @@ fn fill_settings(
         bypass: u32::from(bypass),
     };
     config.set(0, settings, 0)?;
+    Ok(())
+}
+
+/// Makes the keys of a set-like map exactly `wanted`: additions first, removals after.
+fn sync_set(
+    set: &mut HashMap<&mut MapData, u16, u8>,
+    wanted: impl IntoIterator<Item = u16>,
+) -> Result<()> {
+    let wanted: Vec<u16> = wanted.into_iter().collect();
+    for port in &wanted {
+        set.insert(port, 1, 0)?;
+    }
+    let stale: Vec<u16> = (set.keys().filter_map(Result::ok))
+        .filter(|p| !wanted.contains(p))
+        .collect();
+    for port in stale {
+        set.remove(&port)?;
+    }
     Ok(())
 }
 
@@ -532,13 +562,6 @@ impl Interception for EbpfInterception {
              {bypass}; events: {events}",
             cap = mesh_common::ORIG_DST_MAP_ENTRIES,
         )
-    }
-
-    fn uninstall(&self) -> Result<()> {
-        // meshd holds no link fd: removing a pin drops the last reference and the kernel
-        // detaches the program.
-        crate::cleanup::remove_pins_except(&self.pin_dir, PODS_PIN_DIR)?;
-        Ok(())
     }
 }
 

@@ -154,10 +154,4 @@ impl Interception for IptablesInterception {
             Err(e) => format!("iptables rules unknown: {e}"),
         }
     }
-
-    fn uninstall(&self) -> Result<()> {
-        let removed = self.iptables.remove()?;
-        tracing::info!(removed, "iptables rules removed");
-        Ok(())
-    }
 }

@@ -11,8 +11,12 @@ use std::{
     collections::HashMap,
     fmt,
     net::{SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
     sync::Arc,
 };
+
+use anyhow::Context as _;
+use mesh_common::names;
 
 use tokio::net::TcpStream;
 
@@ -41,6 +45,64 @@ pub static EBPF_OBJECT: &[u8] =
 /// parsing /sys/kernel/btf/vmlinux costs megabytes of resident memory for nothing.
 pub fn load_object() -> Result<aya::Ebpf, aya::EbpfError> {
     aya::EbpfLoader::new().btf(None).load(EBPF_OBJECT)
+}
+
+/// The maps a restarted meshd shares with the one before it (pinned under `pin_dir/maps`): the
+/// original destinations of connections steered but not yet accepted, the pods' gates and
+/// listeners, the settings and the kernel counters. Swapping programs into pinned links keeps
+/// every hook working; sharing these keeps every connection's state.
+const SHARED_MAPS: [&str; 10] = [
+    names::MAP_CONFIG,
+    names::MAP_ORIG_DST_BY_COOKIE,
+    names::MAP_ORIG_DST_BY_TUPLE,
+    names::MAP_EXCLUDED_PORTS,
+    names::MAP_EXCLUDED_CIDRS,
+    names::MAP_INBOUND_PORTS,
+    names::MAP_INBOUND_LISTENER,
+    names::MAP_COUNTERS,
+    names::MAP_POD_NETNS,
+    names::MAP_POD_LISTENERS,
+];
+
+/// Loads meshd's eBPF object reusing the maps pinned in `dir` by an earlier meshd (creating and
+/// pinning those that are not there). A pinned map whose shape differs from this build's (an
+/// upgrade that changed it) is replaced by a new one, said in the log.
+pub fn load_object_sharing_maps(dir: &Path) -> anyhow::Result<aya::Ebpf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let defs = aya_obj::Object::parse(EBPF_OBJECT)
+        .context("parse meshd's eBPF object")?
+        .maps;
+    let pins: Vec<(&'static str, PathBuf)> =
+        SHARED_MAPS.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, pin) in pins.iter().filter(|(_, p)| p.exists()) {
+        let def = defs
+            .get(*name)
+            .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))?;
+        let shape =
+            |m: &aya_obj::Map| (m.map_type(), m.key_size(), m.value_size(), m.max_entries());
+        let pinned = aya::maps::MapInfo::from_pin(pin).and_then(|i| {
+            Ok((
+                i.map_type()? as u32,
+                i.key_size(),
+                i.value_size(),
+                i.max_entries(),
+            ))
+        });
+        match pinned {
+            Ok(found) if found == shape(def) => {}
+            found => {
+                tracing::warn!(map = name, ?found, wanted = ?shape(def),
+                    "a pinned map of another shape (an earlier version?): replaced by a new one");
+                std::fs::remove_file(pin).with_context(|| format!("remove {}", pin.display()))?;
+            }
+        }
+    }
+    let mut loader = aya::EbpfLoader::new();
+    loader.btf(None);
+    for (name, pin) in &pins {
+        loader.map_pin_path(name, pin.as_path());
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
 }
 
 /// How connections are steered into meshd.
@@ -116,9 +178,6 @@ pub trait Interception: Send + Sync {
     /// :15001, inbound to its :15006 (except :15008). Replaces a capture left by an earlier
     /// meshd for the same pod without a moment in which the pod is not captured.
     fn capture_pod(&self, pod: &PodNet<'_>) -> anyhow::Result<Box<dyn PodCapture>>;
-    /// Removes every program, link, pin or rule this mode installed for the node's own
-    /// namespace. Pods keep their capture (they fail closed until a meshd serves them again).
-    fn uninstall(&self) -> anyhow::Result<()>;
 }
 
 /// The configured workloads, found by what each mode learns about a connection's sender.

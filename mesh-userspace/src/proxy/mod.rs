@@ -65,6 +65,8 @@ pub struct Context {
     pub hbone: crate::tunnel::limits::HboneLimits,
     /// Source workload names peers' `baggage` gave (bounded).
     pub peer_names: crate::tunnel::baggage::Accepted,
+    /// The listening sockets and where meshd is in its life (serving, draining, handed over).
+    pub sockets: Arc<crate::handover::Sockets>,
 }
 
 /// Where a listener serves: meshd's own network namespace (host workloads, `pod: None`) or one
@@ -113,15 +115,27 @@ impl Context {
     }
 }
 
-/// Accepts forever, one task per connection. Accept errors (fd exhaustion) are logged and
-/// retried after a pause rather than ending the loop.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<Context>, scope: Scope, handle: F)
-where
+/// Accepts until meshd drains, one task per connection. Accept errors (fd exhaustion) are
+/// logged and retried after a pause rather than ending the loop.
+pub async fn accept_loop<F, Fut>(
+    listener: Arc<TcpListener>,
+    ctx: Arc<Context>,
+    scope: Scope,
+    handle: F,
+) where
     F: Fn(TcpStream, Arc<Context>, Scope) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let draining = ctx.sockets.clone();
+    let draining = draining.reached(crate::handover::Phase::Draining);
+    tokio::pin!(draining);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut draining => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((conn, _)) => {
                 // Small writes (requests, responses) must leave at once, not wait for an ACK.
                 let _ = conn.set_nodelay(true);

@@ -26,6 +26,7 @@ use super::{
     CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW,
 };
 use crate::{
+    handover::Phase,
     metrics::{istio::Party, Direction},
     proxy::{
         authz::{Admission, Downstream, Guard},
@@ -40,11 +41,24 @@ use crate::{
 /// Serves one :15008 listener: the node's (node SVID, host workloads) or a pod's (the pod's own
 /// SVID, that pod only). At most `hbone.max_pending_handshakes` connections are in their TLS
 /// handshake at once: a new one evicts the oldest (closed and counted, `handshake_evicted`).
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, tls: Arc<ServerConfig>, scope: Scope) {
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    ctx: Arc<Context>,
+    tls: Arc<ServerConfig>,
+    scope: Scope,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let handshakes = Handshakes::new(ctx.hbone.max_pending_handshakes);
+    let draining = ctx.sockets.clone();
+    let draining = draining.reached(Phase::Draining);
+    tokio::pin!(draining);
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut draining => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 let (slot, _) = handshakes.enter();
                 let _ = tcp.set_nodelay(true);
@@ -210,9 +224,18 @@ async fn serve_streams(
     let mut idle_since = Some(tokio::time::Instant::now());
     let mut closing = false;
     let counts = caller.streams.clone();
+    let draining = ctx.sockets.reached(Phase::Draining);
+    tokio::pin!(draining);
     loop {
         let stream = tokio::select! {
             stream = h2.accept() => stream,
+            // meshd stops: GOAWAY, so the peer opens its next streams to the successor; the
+            // streams in flight finish (up to the drain timeout).
+            _ = &mut draining, if !closing => {
+                h2.graceful_shutdown();
+                closing = true;
+                continue;
+            }
             _ = &mut check, if !closing => {
                 let now = tokio::time::Instant::now();
                 check.as_mut().reset(now + period);

@@ -14,6 +14,10 @@
 //!                                        (tokio), as event-driven applications do
 //! testhosts-tool loop ADDR SECONDS       one connection after another for SECONDS, 100 bytes
 //!                                        echoed on each; print `loop ok N failed M`
+//! testhosts-tool keepalive ADDR CONNS SECONDS MARKER
+//!                                        CONNS persistent connections, request after request
+//!                                        (echoed), closed-between-requests retried; print
+//!                                        `keepalive ok N failed M reconnected R` (keepalive.rs)
 //! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
 //! testhosts-tool hbone ADDR AUTHORITY [CERT KEY]
 //!                                        mTLS (TLS 1.3, ALPN h2) to ADDR with the given client
@@ -62,6 +66,9 @@ fn main() {
         ),
         ["loop", addr, secs] => repeat(addr, parse(secs), b""),
         ["loop", addr, secs, marker] => repeat(addr, parse(secs), marker.as_bytes()),
+        ["keepalive", addr, conns, secs, marker] => {
+            keepalive::run(addr, parse(conns), parse(secs) as u64, marker)
+        }
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
         ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
@@ -270,3 +277,4 @@ fn raw(addr: &str, what: &str) -> Result<(), String> {
 mod abuse;
 mod grpc;
 mod hbone;
+mod keepalive;
