@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use testhosts::{
+    handpods::{cni, hand_pod, route_pod_subnets, run_in_pod, start_pods_meshd},
     loop_counts, require_privileges, sibling_binary, start_checkout_orders, Capture, MeshCa, Meshd,
-    TestNet,
+    Process, TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -56,6 +57,47 @@ fn roll(net: &TestNet, node: usize, mode: &str, old: &mut Meshd) -> Meshd {
     new
 }
 
+/// Runs the keep-alive load and the connection loop from `client` (which starts a process where
+/// the application runs) to `target`, rolls node 0's meshd then node 1's, and checks that no
+/// request failed and the capture on node 0's link never saw the marker.
+fn roll_both_under_load(
+    net: &TestNet,
+    (mode, what): (&str, &str),
+    (mut a, mut b): (Meshd, Meshd),
+    client: impl Fn(&[&str]) -> Process,
+    target: &str,
+) {
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    let tcpdump = Capture::start(net, 0).unwrap();
+    let mut keepalive = client(&[&tool, "keepalive", target, "8", LOAD_SECS, MARKER]);
+    let mut per_request = client(&[&tool, "loop", target, LOAD_SECS, MARKER]);
+    a.wait_access(&["direction=outbound"], 10).unwrap();
+
+    let mut a2 = roll(net, 0, mode, &mut a);
+    a2.wait_access(&["direction=outbound"], 10).unwrap();
+    let mut b2 = roll(net, 1, mode, &mut b);
+    b2.wait_access(&["direction=inbound"], 10).unwrap();
+
+    let (_, kept) = keepalive.wait_output(WAIT).unwrap();
+    let (_, looped) = per_request.wait_output(WAIT).unwrap();
+    let (ok, failed, reconnected) = keepalive_counts(&kept);
+    let (loop_ok, loop_failed) = loop_counts(&looped);
+    assert!(ok > 100 && failed == 0, "{mode}: keep-alive load: {kept}");
+    assert!(
+        loop_ok > 100 && loop_failed == 0,
+        "{mode}: connection loop: {looped}"
+    );
+    assert!(
+        !tcpdump.saw(MARKER).unwrap(),
+        "{mode}: the marker crossed in plaintext during the restarts"
+    );
+    eprintln!(
+        "figure: {mode}, {what}: both nodes rolled under load: keep-alive ok {ok} failed {failed} \
+         reconnected {reconnected}; connection per request ok {loop_ok} failed {loop_failed}"
+    );
+}
+
+/// Host workloads (node namespace), both modes.
 #[test]
 fn rolling_restart_under_load_fails_no_request_and_leaks_no_plaintext() {
     require_privileges!();
@@ -65,7 +107,7 @@ fn rolling_restart_under_load_fails_no_request_and_leaks_no_plaintext() {
         let ca = MeshCa::new(&net).unwrap();
         let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
         let target = format!("{}:7000", net.node(1).addr);
-        // Control: without the mesh the capture sees the marker, so the check below can fail.
+        // Control: without the mesh the capture sees the marker, so the check can fail.
         let control = Capture::start(&net, 0).unwrap();
         net.exec(0, &[&tool, "keepalive", &target, "2", "1", MARKER])
             .unwrap();
@@ -74,35 +116,29 @@ fn rolling_restart_under_load_fails_no_request_and_leaks_no_plaintext() {
             "control capture missed the marker"
         );
 
-        let (mut a, mut b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
-        let tcpdump = Capture::start(&net, 0).unwrap();
-        let keep = [tool.as_str(), "keepalive", &target, "8", LOAD_SECS, MARKER];
-        let mut keepalive = net.workload(0, "checkout", &keep).unwrap();
-        let each = [tool.as_str(), "loop", &target, LOAD_SECS, MARKER];
-        let mut per_request = net.workload(0, "checkout", &each).unwrap();
-        a.wait_access(&["direction=outbound"], 10).unwrap();
+        let meshds = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let client = |argv: &[&str]| net.workload(0, "checkout", argv).unwrap();
+        roll_both_under_load(&net, (mode, "host workloads"), meshds, client, &target);
+    }
+}
 
-        let mut a2 = roll(&net, 0, mode, &mut a);
-        a2.wait_access(&["direction=outbound"], 10).unwrap();
-        let mut b2 = roll(&net, 1, mode, &mut b);
-        b2.wait_access(&["direction=inbound"], 10).unwrap();
-
-        let (_, kept) = keepalive.wait_output(WAIT).unwrap();
-        let (_, looped) = per_request.wait_output(WAIT).unwrap();
-        let (ok, failed, reconnected) = keepalive_counts(&kept);
-        let (loop_ok, loop_failed) = loop_counts(&looped);
-        assert!(ok > 100 && failed == 0, "{mode}: keep-alive load: {kept}");
-        assert!(
-            loop_ok > 100 && loop_failed == 0,
-            "{mode}: connection loop: {looped}"
-        );
-        assert!(
-            !tcpdump.saw(MARKER).unwrap(),
-            "{mode}: the marker crossed in plaintext during the restarts"
-        );
-        eprintln!(
-            "figure: {mode}: both nodes rolled under load: keep-alive ok {ok} failed {failed} \
-             reconnected {reconnected}; connection per request ok {loop_ok} failed {loop_failed}"
-        );
+/// Pods (their listeners live in the pods' namespaces and are handed over too), both modes.
+#[test]
+fn rolling_restart_of_pod_nodes_fails_no_request_and_leaks_no_plaintext() {
+    require_privileges!();
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    for mode in ["ebpf", "iptables"] {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        route_pod_subnets(&net);
+        let (web, db) = (hand_pod(&net, 0, 0), hand_pod(&net, 1, 0));
+        let (m0, s0) = start_pods_meshd(&net, &ca, 0, mode, "");
+        let (m1, s1) = start_pods_meshd(&net, &ca, 1, mode, "");
+        assert!(cni("ADD", &web, "web", &s0).0 && cni("ADD", &db, "db", &s1).0);
+        let mut server = run_in_pod(&db, &[&tool, "echo-server", "0.0.0.0:7000"]);
+        server.expect_line("ready", WAIT).unwrap();
+        let target = format!("{}:7000", db.ip);
+        let client = |argv: &[&str]| run_in_pod(&web, argv);
+        roll_both_under_load(&net, (mode, "pods"), (m0, m1), client, &target);
     }
 }
