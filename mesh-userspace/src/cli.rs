@@ -83,13 +83,14 @@ pub enum Command {
     },
     /// Print meshd's man page (roff, section 1) to stdout, e.g. `meshd man > meshd.1`.
     Man,
-    /// Remove every program, link, pinned object and rule meshd made (after a crash).
+    /// Remove the interception meshd leaves when it stops or dies: programs, links, pinned maps,
+    /// rules, reserved ports (uninstall, or after a crash).
     Cleanup {
         /// The pin directory meshd used (`proxy.pin_dir`); default `<bpffs>/meshd`.
         #[arg(long)]
         pin_dir: Option<PathBuf>,
-        /// Where meshd recorded the pods it served (`pods.state_dir`): their in-pod rules go
-        /// too. Default /run/meshd.
+        /// meshd's state directory (`proxy.state_dir`, or `pods.state_dir` with pods): the
+        /// reserved ports it recorded, and the pods whose in-pod rules go too. Default /run/meshd.
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
