@@ -17,6 +17,41 @@ pub struct Meshd {
     pub process: Process,
     pub config: PathBuf,
     pub pin_dir: PathBuf,
+    /// The state directory its config names (handover socket, reserved-port record).
+    pub state_dir: PathBuf,
+    /// The network namespace (name) of its node.
+    pub netns: String,
+}
+
+impl Meshd {
+    /// Uninstalls meshd the operator's way: SIGTERM (if it still runs), then `meshd cleanup`
+    /// in its node, which removes the interception a stopped meshd leaves; cleanup's output.
+    pub fn uninstall(&mut self) -> Result<String> {
+        if self
+            .process
+            .signal(nix::sys::signal::Signal::SIGTERM)
+            .is_ok()
+        {
+            let _ = self.process.wait_output(Duration::from_secs(30));
+        }
+        // nsenter, not `ip netns exec`: that remounts /sys, hiding the bpffs pins.
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(meshd_bin())
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "meshd cleanup: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
+    }
 }
 
 impl Meshd {
@@ -185,6 +220,8 @@ impl TestNet {
             process,
             config: path,
             pin_dir,
+            state_dir: self.state_dir(node),
+            netns: format!("{}-n{node}", self.id()),
         })
     }
 }

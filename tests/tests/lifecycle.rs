@@ -53,23 +53,8 @@ fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
 }
 
 /// Runs `meshd cleanup` in node 0 and expects nothing of meshd's to be left.
-fn cleanup_removes_everything(net: &TestNet, meshd: &Meshd, mode: &str) {
-    let bin = meshd_bin().display().to_string();
-    let pin_dir = meshd.pin_dir.display().to_string();
-    let state_dir = net.state_dir(0).display().to_string();
-    let out = net
-        .exec(
-            0,
-            &[
-                &bin,
-                "cleanup",
-                "--pin-dir",
-                &pin_dir,
-                "--state-dir",
-                &state_dir,
-            ],
-        )
-        .unwrap();
+fn cleanup_removes_everything(net: &TestNet, meshd: &mut Meshd, mode: &str) {
+    let out = meshd.uninstall().unwrap();
     assert_eq!(installed(net, meshd), Vec::<String>::new(), "{mode}: {out}");
 }
 
@@ -98,7 +83,7 @@ fn sigterm_leaves_interception_failing_closed_and_cleanup_removes_it() {
             around.is_err(),
             "{mode}: served around a stopped meshd: {around:?}"
         );
-        cleanup_removes_everything(&net, &meshd, mode);
+        cleanup_removes_everything(&net, &mut meshd, mode);
     }
 }
 
@@ -116,7 +101,7 @@ fn kill_9_then_cleanup_removes_everything() {
             !installed(&net, &meshd).is_empty(),
             "{mode}: nothing left after kill -9?"
         );
-        cleanup_removes_everything(&net, &meshd, mode);
+        cleanup_removes_everything(&net, &mut meshd, mode);
     }
 }
 

@@ -181,6 +181,12 @@ impl Drop for Running {
                 eprintln!("mesh-bench: CNI DEL of {name}: {out}");
             }
         }
+        // A stopped meshd leaves its interception (fail closed); the next path must not find it.
+        for meshd in &mut self.meshd {
+            if let Err(e) = meshd.uninstall() {
+                eprintln!("mesh-bench: uninstalling meshd: {e:#}");
+            }
+        }
         if let Some(rule) = self.redirect.take() {
             let ns = format!("{}-n0", self.net_id);
             let mut args = vec![
