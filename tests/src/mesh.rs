@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::{meshd_bin, process::Process, TestNet};
 
 /// A workload as the test declares it to meshd.
+#[derive(Clone, Copy)]
 pub struct WorkloadSpec<'a> {
     pub name: &'a str,
     pub ports: &'a [u16],

@@ -135,6 +135,17 @@ fn misconfiguration_stops_meshd_with_a_message_naming_the_problem() {
         expect_start_failure(&net, mode, &missing, problem);
         let bad_cidr = format!("{good}exclude:\n  cidrs: [10.1.2.3/8]\n");
         expect_start_failure(&net, mode, &bad_cidr, "config exclude.cidrs[0]");
+        let billing = [
+            ORDERS[0],
+            WorkloadSpec {
+                name: "billing",
+                ports: &[7000],
+            },
+        ];
+        let shared_port = net.meshd_config(0, &billing, "").unwrap();
+        let problem =
+            "config workloads[1].ports[0]: port 7000 is also served by workload \"orders\"";
+        expect_start_failure(&net, mode, &shared_port, problem);
         let mut squatter = net
             .host_process(0, &["python3", "-c", SQUAT_15001])
             .unwrap();

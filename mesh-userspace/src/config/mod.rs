@@ -3,7 +3,7 @@
 //! with the field it is in and what is wrong with it.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 pub mod mesh;
 mod ports;
+mod workload;
 
 pub use ports::{PortConfig, PortSpec, Protocol};
+pub use workload::{Workload, WorkloadConfig};
 
 pub use mesh::{
     de_duration, parse_duration, Egress, IdentitySettings, MeshSettings, MtlsMode, PeerAuth,
@@ -105,36 +107,6 @@ fn default_cni_socket() -> PathBuf {
 
 pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/run/meshd")
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkloadConfig {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// Defaults to the workload name.
-    #[serde(default)]
-    pub service_account: Option<String>,
-    /// The workload's cgroup, relative to the cgroup v2 mount (a leading `/` is allowed).
-    pub cgroup: PathBuf,
-    /// Ports the workload serves; new inbound connections to them are captured. `8080` or
-    /// `{port: 8080, protocol: http}`: on `http` (HTTP/1.1) and `grpc` (HTTP/2 with prior
-    /// knowledge) ports authorization policy decides each request; `tcp` (the default) each
-    /// connection.
-    #[serde(default)]
-    pub ports: Vec<PortConfig>,
-    /// Labels AuthorizationPolicy selectors match (`selector.matchLabels`).
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// ebpf mode: this workload's local hops to meshd use the sk_msg bypass (default:
-    /// `proxy.sk_msg_bypass`). Turn it on for event-driven workloads (non-blocking sockets).
-    #[serde(default)]
-    pub sk_msg_bypass: Option<bool>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -251,33 +223,6 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
-/// A workload as meshd runs it: the config entry with its cgroup found on this machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    /// Absolute path of the cgroup directory.
-    pub cgroup_path: PathBuf,
-    /// cgroup v2 id (the directory's inode number), what eBPF programs report.
-    pub cgroup_id: u64,
-    pub ports: Vec<u16>,
-    /// Ports that are not plain TCP (policy decides their requests).
-    pub protocols: BTreeMap<u16, Protocol>,
-    /// What AuthorizationPolicy selectors match.
-    pub labels: BTreeMap<String, String>,
-    /// Its sockets to and from meshd go through the sk_msg bypass (ebpf mode).
-    pub sk_msg_bypass: bool,
-    /// How telemetry names it (set once the trust domain is known).
-    pub party: crate::metrics::istio::Party,
-}
-
-impl Workload {
-    pub fn protocol(&self, port: u16) -> Protocol {
-        self.protocols.get(&port).copied().unwrap_or_default()
-    }
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -350,6 +295,7 @@ impl Config {
             workload.sk_msg_bypass = w.sk_msg_bypass.unwrap_or(self.proxy.sk_msg_bypass);
             workloads.push(workload);
         }
+        workload::check_distinct_ports(&workloads)?;
         for (i, port) in self.exclude.ports.iter().enumerate() {
             if *port == 0 {
                 return Err(err(format!("exclude.ports[{i}]"), "port 0 is not a port"));
@@ -409,70 +355,13 @@ impl PodSettings {
     fn validate(self, cgroup_root: &Path) -> Result<ValidPods, ConfigError> {
         let cgroup_parent = match &self.cgroup_parent {
             None => None,
-            Some(parent) => Some(cgroup_dir(cgroup_root, parent, "pods.cgroup_parent")?.0),
+            Some(parent) => {
+                Some(workload::cgroup_dir(cgroup_root, parent, "pods.cgroup_parent")?.0)
+            }
         };
         Ok(ValidPods {
             settings: self,
             cgroup_parent,
-        })
-    }
-}
-
-/// A cgroup v2 directory below the root (never the root itself), with its metadata.
-fn cgroup_dir(
-    cgroup_root: &Path,
-    cgroup: &Path,
-    field: &str,
-) -> Result<(PathBuf, std::fs::Metadata), ConfigError> {
-    let relative = cgroup.strip_prefix("/").unwrap_or(cgroup);
-    if relative.as_os_str().is_empty() {
-        return Err(err(
-            field,
-            "is the cgroup root: meshd attaches only to workload cgroups below it",
-        ));
-    }
-    if relative.components().any(|c| c.as_os_str() == "..") {
-        return Err(err(field, "must not contain `..`"));
-    }
-    let cgroup_path = cgroup_root.join(relative);
-    let meta = std::fs::metadata(&cgroup_path).map_err(|e| {
-        let reason = format!("{} does not exist ({e})", cgroup_path.display());
-        err(field, reason)
-    })?;
-    if !meta.is_dir() || !cgroup_path.join("cgroup.procs").exists() {
-        let reason = format!("{} is not a cgroup v2 directory", cgroup_path.display());
-        return Err(err(field, reason));
-    }
-    Ok((cgroup_path, meta))
-}
-
-impl WorkloadConfig {
-    fn resolve(
-        &self,
-        cgroup_root: &Path,
-        field: &dyn Fn(&str) -> String,
-    ) -> Result<Workload, ConfigError> {
-        let (cgroup_path, meta) = cgroup_dir(cgroup_root, &self.cgroup, &field("cgroup"))?;
-        for (j, port) in self.ports.iter().map(PortConfig::port).enumerate() {
-            if port == 0 || mesh_common::ports::ALL.contains(&port) {
-                let reason = format!("{port} is not a workload port (0 or one of meshd's own)");
-                return Err(err(field(&format!("ports[{j}]")), reason));
-            }
-        }
-        Ok(Workload {
-            name: self.name.clone(),
-            namespace: self.namespace.clone(),
-            service_account: self.service_account.clone().unwrap_or(self.name.clone()),
-            cgroup_id: std::os::linux::fs::MetadataExt::st_ino(&meta),
-            cgroup_path,
-            ports: self.ports.iter().map(PortConfig::port).collect(),
-            protocols: (self.ports.iter())
-                .filter(|p| p.protocol() != Protocol::Tcp)
-                .map(|p| (p.port(), p.protocol()))
-                .collect(),
-            labels: self.labels.clone(),
-            sk_msg_bypass: false,
-            party: crate::metrics::istio::Party::unknown(),
         })
     }
 }

@@ -180,11 +180,20 @@ pub trait Interception: Send + Sync {
     fn capture_pod(&self, pod: &PodNet<'_>) -> anyhow::Result<Box<dyn PodCapture>>;
 }
 
-/// The configured workloads, found by what each mode learns about a connection's sender.
+/// The configured workloads, found by what each mode learns about a connection's sender: the
+/// cgroup id of its socket. A process in a child cgroup of a workload's (a container below the
+/// pod, a worker pool's own group) belongs to the nearest configured ancestor.
 #[derive(Debug, Default)]
 pub struct Workloads {
     by_cgroup_id: HashMap<u64, Arc<Workload>>,
+    /// Other cgroup ids seen, with the workload above them (or none), found once each.
+    below: std::sync::Mutex<HashMap<u64, Option<Arc<Workload>>>>,
 }
+
+/// How many cgroup ids outside the configured ones are remembered (then forgotten at once).
+const BELOW_CACHED: usize = 4096;
+/// How deep below a workload's cgroup its descendants are looked for.
+const BELOW_DEPTH: usize = 8;
 
 impl Workloads {
     pub fn new(list: &[Workload]) -> Workloads {
@@ -192,16 +201,52 @@ impl Workloads {
             .iter()
             .map(|w| (w.cgroup_id, Arc::new(w.clone())))
             .collect();
-        Workloads { by_cgroup_id }
+        Workloads {
+            by_cgroup_id,
+            below: Default::default(),
+        }
     }
 
+    /// The workload whose cgroup is `id` or the nearest configured ancestor of cgroup `id`.
     pub fn by_cgroup_id(&self, id: u64) -> Option<Arc<Workload>> {
-        self.by_cgroup_id.get(&id).cloned()
+        if let Some(w) = self.by_cgroup_id.get(&id) {
+            return Some(w.clone());
+        }
+        let lock = || self.below.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = lock().get(&id) {
+            return found.clone();
+        }
+        // A cgroup's id never moves to another place in the tree: the answer is final.
+        let found = (self.by_cgroup_id.values())
+            .filter(|w| has_descendant(&w.cgroup_path, id, BELOW_DEPTH))
+            .max_by_key(|w| w.cgroup_path.components().count())
+            .cloned();
+        let mut below = lock();
+        if below.len() >= BELOW_CACHED {
+            below.clear();
+        }
+        below.insert(id, found.clone());
+        found
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_cgroup_id.values()
     }
+}
+
+/// Whether a cgroup directory below `dir` (at most `depth` levels) has id (inode) `id`.
+fn has_descendant(dir: &Path, id: u64, depth: usize) -> bool {
+    use std::os::unix::fs::DirEntryExt;
+    let Some(depth) = depth.checked_sub(1) else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .any(|e| e.ino() == id || has_descendant(&e.path(), id, depth))
 }
 
 /// The IPv4 form of an address, or the error saying it is not one.
