@@ -108,10 +108,20 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     };
 
     let bundle = pod_identity.as_ref().map(|p| p.bundle.clone());
-    let interception: Arc<dyn Interception> = match mode {
-        Mode::Ebpf => Arc::new(ebpf::install(&cfg, &*inbound_listener)?),
-        Mode::Iptables => Arc::new(iptables::install(&cfg)?),
+    // Loading and verifying programs (or applying rules) blocks for a while: off the event
+    // loop, so health and admin answer meanwhile (503, starting).
+    let install = {
+        let (cfg, inbound) = (cfg.clone(), inbound_listener.clone());
+        move || -> Result<Arc<dyn Interception>> {
+            Ok(match mode {
+                Mode::Ebpf => Arc::new(ebpf::install(&cfg, &*inbound)?),
+                Mode::Iptables => Arc::new(iptables::install(&cfg)?),
+            })
+        }
     };
+    let interception = tokio::task::spawn_blocking(install)
+        .await
+        .context("installing interception")??;
     // From here on interception outlives this process: the ports stay reserved with it.
     reserved.keep();
     let mut inbound_workloads = HashMap::new();

@@ -202,3 +202,63 @@ fn sigkill_inbound_fails_closed_and_the_next_meshd_takes_over() {
         }
     }
 }
+
+/// Polls the readiness endpoint every millisecond and prints each change of its answer
+/// (`refused`, `503 <reason>`, `200 ...`) until it is 200.
+const READINESS_POLLER: &str = r#"
+import socket, time
+last = None
+deadline = time.time() + 25
+while time.time() < deadline:
+    try:
+        s = socket.create_connection(("127.0.0.1", 15021), timeout=2)
+        s.sendall(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        head, _, body = data.decode().partition("\r\n\r\n")
+        state = head.split(" ")[1] + " " + body.strip()
+    except OSError:
+        state = "refused"
+    if state != last:
+        print(state, flush=True)
+        last = state
+    if state.startswith("200"):
+        break
+    time.sleep(0.001)
+"#;
+
+/// Readiness is 503 (starting) from the moment meshd answers until its interception is
+/// installed and its certificates exist, then 200; never 200 before.
+#[test]
+fn readiness_is_503_until_interception_and_certificates_exist() {
+    require_privileges!();
+    for mode in MODES {
+        let net = TestNet::new(2).unwrap();
+        let ca = testhosts::MeshCa::new(&net).unwrap();
+        let mut poller = net
+            .host_process(0, &["python3", "-c", READINESS_POLLER])
+            .unwrap();
+        let _meshd = net
+            .start_meshd_with(0, mode, &ORDERS, &ca.config(0, "24h", &[]))
+            .unwrap();
+        let (_, seen) = poller.wait_output(WAIT).unwrap();
+        let states: Vec<&str> = seen.lines().filter(|l| *l != "refused").collect();
+        assert!(
+            states.len() >= 2
+                && states[0].starts_with("503 not ready: starting")
+                && states.last().unwrap().starts_with("200"),
+            "{mode}: readiness answers in order: {seen}"
+        );
+        assert_eq!(
+            states.iter().filter(|s| s.starts_with("200")).count(),
+            1,
+            "{mode}: {seen}"
+        );
+        eprintln!("figure: {mode}: readiness answered {states:?}");
+    }
+}
