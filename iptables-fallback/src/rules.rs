@@ -2,7 +2,8 @@
 //! (inbound capture), so removing meshd is deleting two jumps and four chains:
 //!
 //! - `MESH_OUTPUT`: RETURN for meshd's own sockets (mark, uid), loopback destinations, meshd's
-//!   ports and configured exclusions; everything else to `MESH_REDIRECT` (REDIRECT to :15001).
+//!   ports and configured exclusions; the rest, from the workload cgroups (or from every process,
+//!   in a pod's namespace), to `MESH_REDIRECT` (REDIRECT to :15001).
 //! - `MESH_INBOUND`: RETURN for meshd's deliveries (source 127.0.0.6); connections to
 //!   workload ports to `MESH_IN_REDIRECT` (REDIRECT to :15006).
 //!
@@ -52,6 +53,11 @@ pub struct RuleSpec {
     pub excluded_ports: Vec<u16>,
     /// `a.b.c.d/len`, already validated.
     pub excluded_cidrs: Vec<String>,
+    /// Outbound capture only for sockets of processes in these cgroups (paths relative to the
+    /// cgroup v2 root; descendants included, by the kernel's cgroup match), so the node's other
+    /// processes (kubelet, sshd) are never captured; `None`: every process (a pod's namespace,
+    /// where every process is the pod's).
+    pub outbound_cgroups: Option<Vec<String>>,
     /// Workload ports whose new inbound connections are captured.
     pub inbound_ports: Vec<u16>,
     /// Capture every inbound TCP port except meshd's own (a pod's namespace, where everything
@@ -86,7 +92,13 @@ impl RuleSpec {
         for cidr in &self.excluded_cidrs {
             out.push(("MESH_OUTPUT", format!("-d {cidr} -j RETURN")));
         }
-        out.push(("MESH_OUTPUT", "-p tcp -j MESH_REDIRECT".into()));
+        match &self.outbound_cgroups {
+            None => out.push(("MESH_OUTPUT", "-p tcp -j MESH_REDIRECT".into())),
+            Some(paths) => out.extend(paths.iter().map(|p| {
+                let rule = format!("-p tcp -m cgroup --path {p:?} -j MESH_REDIRECT");
+                ("MESH_OUTPUT", rule)
+            })),
+        }
         let to = self.outbound_port;
         out.push((
             "MESH_REDIRECT",
@@ -329,6 +341,7 @@ mod tests {
             excluded_ports: vec![22],
             excluded_cidrs: vec!["10.0.0.0/8".into()],
             inbound_ports: vec![8080, 9090],
+            outbound_cgroups: None,
             inbound_all_ports: false,
             delivery_source: Ipv4Addr::new(127, 0, 0, 6),
         }
@@ -349,6 +362,23 @@ mod tests {
         assert!(text.contains("-A MESH_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
         assert!(text.contains("-A MESH_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
         assert!(text.starts_with("*nat\n") && text.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn outbound_capture_is_limited_to_the_workload_cgroups() {
+        let scoped = RuleSpec {
+            outbound_cgroups: Some(vec!["/k8s/checkout".into(), "/k8s/orders".into()]),
+            ..spec()
+        };
+        let text = scoped.render();
+        assert!(text
+            .contains("-A MESH_OUTPUT -p tcp -m cgroup --path \"/k8s/checkout\" -j MESH_REDIRECT"));
+        assert!(text
+            .contains("-A MESH_OUTPUT -p tcp -m cgroup --path \"/k8s/orders\" -j MESH_REDIRECT"));
+        assert!(
+            !text.contains("-A MESH_OUTPUT -p tcp -j MESH_REDIRECT"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn spec(inbound_ports: Vec<u16>) -> RuleSpec {
         excluded_ports: vec![22],
         excluded_cidrs: vec!["10.0.0.0/8".into()],
         inbound_ports,
+        outbound_cgroups: None,
         inbound_all_ports: false,
         delivery_source: Ipv4Addr::new(127, 0, 0, 6),
     }

@@ -1,6 +1,7 @@
-//! Which workload a connection belongs to: a process in a child cgroup of a configured
-//! workload's cgroup (a container below its pod's group, a worker pool in a group of its own) is
-//! that workload, with its identity, in both modes.
+//! Which processes meshd captures and as which workload: a process in a child cgroup of a
+//! configured workload's cgroup (a container below its pod's group, a worker pool in a group of
+//! its own) is that workload, with its identity; the node's other processes (kubelet, sshd) are
+//! never captured. Both modes.
 
 use std::time::Duration;
 
@@ -39,5 +40,49 @@ fn a_process_in_a_child_cgroup_belongs_to_its_workload() {
         .unwrap();
         b.wait_access(&["direction=inbound", "peer=spiffe://", "/sa/checkout"], 2)
             .unwrap();
+    }
+}
+
+/// A node process outside every workload cgroup connects as if meshd were not there (no access
+/// line; it would otherwise be refused as a sender of no workload), while the workload beside it
+/// is captured.
+#[test]
+fn only_configured_workloads_are_captured() {
+    require_privileges!();
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    for mode in ["ebpf", "iptables"] {
+        let net = TestNet::new(2).unwrap();
+        let ca = MeshCa::new(&net).unwrap();
+        let _orders = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
+        let _other = net.echo_server(1, None, "0.0.0.0:7100").unwrap();
+        let (mut a, _b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let client = |port: u16| {
+            let target = format!("{}:{port}", net.node(1).addr);
+            [
+                tool.clone(),
+                "client".into(),
+                target,
+                "100".into(),
+                "1".into(),
+            ]
+        };
+        let node_process = client(7100);
+        let argv: Vec<&str> = node_process.iter().map(String::as_str).collect();
+        net.exec(0, &argv).unwrap();
+        let workload = client(7000);
+        let argv: Vec<&str> = workload.iter().map(String::as_str).collect();
+        let (status, out) = net
+            .workload(0, "checkout", &argv)
+            .unwrap()
+            .wait_output(WAIT)
+            .unwrap();
+        assert!(status.success(), "{mode}: {out}");
+        a.wait_access(&["direction=outbound", "dst=198.18.0.2:7000"], 1)
+            .unwrap();
+        let lines = a.access_lines();
+        assert!(
+            !lines.iter().any(|l| l.contains(":7100")),
+            "{mode}: the node process was captured: {lines:#?}"
+        );
     }
 }

@@ -48,6 +48,9 @@ pub struct Workload {
     pub service_account: String,
     /// Absolute path of the cgroup directory.
     pub cgroup_path: PathBuf,
+    /// The same cgroup relative to the cgroup v2 root, with a leading `/` (as iptables' cgroup
+    /// match names it).
+    pub cgroup: PathBuf,
     /// cgroup v2 id (the directory's inode number), what eBPF programs report.
     pub cgroup_id: u64,
     pub ports: Vec<u16>,
@@ -113,6 +116,7 @@ impl WorkloadConfig {
             namespace: self.namespace.clone(),
             service_account: self.service_account.clone().unwrap_or(self.name.clone()),
             cgroup_id: std::os::linux::fs::MetadataExt::st_ino(&meta),
+            cgroup: Path::new("/").join(self.cgroup.strip_prefix("/").unwrap_or(&self.cgroup)),
             cgroup_path,
             ports: self.ports.iter().map(PortConfig::port).collect(),
             protocols: (self.ports.iter())

@@ -383,6 +383,7 @@ fn pod_workload(info: &PodInfo, meta: &PodMeta) -> Workload {
         namespace: meta.namespace.clone(),
         service_account: meta.service_account.clone(),
         cgroup_path: PathBuf::new(),
+        cgroup: PathBuf::new(),
         cgroup_id: 0,
         ports: Vec::new(),
         protocols: meta.protocols.clone(),

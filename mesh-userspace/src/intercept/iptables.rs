@@ -50,6 +50,11 @@ pub fn rule_spec(cfg: &Validated) -> RuleSpec {
         excluded_ports: cfg.excluded_ports.clone(),
         excluded_cidrs: cfg.excluded_cidrs.iter().map(|c| c.to_string()).collect(),
         inbound_ports: cfg.inbound_ports(),
+        outbound_cgroups: Some(
+            (cfg.workloads.iter())
+                .map(|w| w.cgroup.display().to_string())
+                .collect(),
+        ),
         inbound_all_ports: false,
         delivery_source: DELIVERY_SOURCE_IP.into(),
     }
@@ -129,6 +134,7 @@ impl Interception for IptablesInterception {
         let iptables = self.iptables.in_netns(&pod.netns.path);
         let spec = RuleSpec {
             inbound_ports: Vec::new(),
+            outbound_cgroups: None,
             inbound_all_ports: true,
             ..self.spec.clone()
         };
