@@ -174,6 +174,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     metrics.build_info(mode.as_str());
     // Start-up (the capability probe, loading and verifying programs, parsing certificates)
     // frees more than it keeps; hand those pages back so the resident size is what serving needs.
+    // No safe helper: neither libc nor nix wraps glibc malloc_trim safely.
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
     let workloads: Vec<&str> = cfg.workloads.iter().map(|w| w.name.as_str()).collect();
@@ -367,6 +368,7 @@ async fn trim_memory() {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     loop {
         tick.tick().await;
+        // No safe helper: neither libc nor nix wraps glibc malloc_trim safely.
         // SAFETY: malloc_trim only releases free heap memory.
         unsafe { libc::malloc_trim(0) };
     }

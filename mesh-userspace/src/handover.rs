@@ -201,11 +201,11 @@ impl Sockets {
     }
 
     fn answer_successors(&self, listener: OwnedFd) {
+        let listener = socket2::Socket::from(listener);
         loop {
-            let conn = match socket::accept(listener.as_raw_fd()) {
-                // SAFETY: accept returned a new descriptor that nothing else owns.
-                Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-                Err(Errno::EINTR) => continue,
+            let conn = match listener.accept() {
+                Ok((conn, _)) => OwnedFd::from(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "handover socket failed; no successor can take over");
                     return;
@@ -378,6 +378,7 @@ fn recv(conn: &OwnedFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // No safe helper: nix 0.30's ScmRights hands over bare RawFds, not OwnedFds.
             // SAFETY: SCM_RIGHTS installed these descriptors in this process for us alone.
             fds.extend(
                 raw.into_iter()

@@ -292,6 +292,8 @@ fn bpf_map_elem<K, V>(
         value: value as u64,
         flags: 0,
     };
+    // No safe helper: aya 0.14's HashMap has get and remove but no lookup-and-delete (its
+    // syscall wrapper is pub(crate), public only as Queue/Stack::pop), and this has a bare fd.
     // SAFETY: attr points at a valid bpf_attr prefix for this command; key and value point at
     // buffers of the map's key and value sizes (the caller's types match the map's layout).
     let rc = unsafe {
@@ -324,6 +326,7 @@ pub fn bpf_map_take<K: aya::Pod, V: aya::Pod>(
         }
         Err(e) => return Err(e),
     }
+    // No safe helper: aya::Pod promises any bytes are valid but gives no safe constructor.
     // SAFETY: the kernel filled the value; V is plain data valid for any bytes (aya::Pod).
     Ok(unsafe { value.assume_init() })
 }
@@ -332,6 +335,8 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 fn bpf_syscall<A>(cmd: libc::c_long, attr: &A) -> Result<libc::c_long, std::io::Error> {
+    // No safe helper: aya 0.14 keeps BPF_OBJ_GET's fd private (PinnedLink::from_pin gives an
+    // FdLink with no AsFd) and its BPF_LINK_UPDATE is pub(crate), used only by XDP and tc.
     // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the callers' repr(C) structs).
     let rc = unsafe {
         libc::syscall(
@@ -364,6 +369,7 @@ pub fn bpf_obj_get(path: &Path) -> Result<std::os::fd::OwnedFd, std::io::Error> 
         file_flags: 0,
     };
     let fd = bpf_syscall(BPF_OBJ_GET, &attr)?;
+    // No safe helper: the raw bpf() syscall above returns a bare descriptor number.
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }

@@ -1,7 +1,7 @@
 //! The individual probes behind `meshd doctor`. Each answers one question about this kernel
 //! with a real attempt, never by reading version numbers.
 
-use std::{os::fd::FromRawFd, path::Path, process::Command};
+use std::{path::Path, process::Command};
 
 use aya::programs::Program;
 use iptables_fallback::Backend;
@@ -119,40 +119,15 @@ fn filesystem(fstype: &str, fallback: &str) -> Outcome {
 
 /// BPF_MAP_CREATE of a one-slot array: the smallest thing the bpf() syscall can do.
 fn bpf_syscall() -> Outcome {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
+    use aya::maps::{Array, MapData, MapError};
+    // Dropped at once: closing its only fd frees the map.
+    match Array::<MapData, u32>::create(1, 0) {
+        Ok(_) => Outcome::Present("bpf(BPF_MAP_CREATE) works".into()),
+        Err(MapError::CreateError { io_error, .. }) => {
+            Outcome::Missing(format!("bpf(BPF_MAP_CREATE) failed: {io_error}"))
+        }
+        Err(e) => Outcome::Missing(format!("bpf(BPF_MAP_CREATE) failed: {e}")),
     }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreate {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        map_flags: 0,
-    };
-    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr; the kernel reads
-    // exactly the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>(),
-        )
-    };
-    if fd < 0 {
-        let err = std::io::Error::last_os_error();
-        return Outcome::Missing(format!("bpf(BPF_MAP_CREATE) failed: {err}"));
-    }
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
-    Outcome::Present("bpf(BPF_MAP_CREATE) works".into())
 }
 
 fn btf() -> Outcome {

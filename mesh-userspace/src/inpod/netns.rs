@@ -16,9 +16,6 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
-/// `SO_NETNS_COOKIE` (Linux 5.14+): the cookie of the namespace a socket lives in.
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 /// meshd's own namespace, opened before any thread moves.
 static HOME: OnceLock<File> = OnceLock::new();
 
@@ -91,17 +88,18 @@ impl Netns {
     }
 }
 
-/// The namespace cookie of the namespace `sock` lives in.
+/// The namespace cookie of the namespace `sock` lives in (`SO_NETNS_COOKIE`, Linux 5.14+).
 pub fn cookie_of(sock: &impl AsFd) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // No safe helper: nix 0.30 has no SO_NETNS_COOKIE sockopt and socket2 0.6 no getter for it.
     // SAFETY: `cookie` and `len` are valid for the size passed.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            libc::SO_NETNS_COOKIE,
             (&mut cookie as *mut u64).cast(),
             &mut len,
         )

@@ -3,10 +3,10 @@
 //! processes' fds costs time in proportion to every socket and TIME_WAIT entry on the node:
 //! measured at 46 connections/s under connection-per-request load.)
 
-use std::{
-    io,
-    net::SocketAddrV4,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+use std::{io, net::SocketAddrV4, os::fd::AsRawFd};
+
+use nix::sys::socket::{
+    recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
 };
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -66,32 +66,21 @@ fn request(family: u8, local: SocketAddrV4, remote: SocketAddrV4) -> Vec<u8> {
 }
 
 fn query(family: u8, local: SocketAddrV4, remote: SocketAddrV4) -> io::Result<Option<SocketOwner>> {
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let msg = request(family, local, remote);
-    // SAFETY: msg is a valid buffer of its length; the kernel is the destination (pid 0).
-    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    // The kernel is the destination: an unbound, unconnected netlink socket sends to pid 0.
+    send(
+        fd.as_raw_fd(),
+        &request(family, local, remote),
+        MsgFlags::empty(),
+    )?;
     let mut buf = [0u8; 1024];
-    // SAFETY: buf is valid for writes of its length.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    parse(&buf[..n as usize])
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    parse(&buf[..n])
 }
 
 fn parse(reply: &[u8]) -> io::Result<Option<SocketOwner>> {

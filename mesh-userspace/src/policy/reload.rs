@@ -105,6 +105,8 @@ impl Watcher {
                 .add_watch(&dir, flags)
                 .map_err(|e| anyhow::anyhow!("watching {}: {e}", dir.display()))?;
         }
+        // No safe helper: tokio 1.54's only non-deprecated AsyncFd constructor is the unsafe
+        // `register` (`AsyncFd::new` is deprecated as unsound), even for AsFd owners like Inotify.
         // SAFETY: the Inotify owns its descriptor until it is dropped, which happens only with
         // the AsyncFd that holds it; `as_raw_fd` always returns that descriptor.
         let fd = unsafe { AsyncFd::register(RawInotify(inotify)) }?;

@@ -183,23 +183,9 @@ pub async fn dial(
     Ok(stream)
 }
 
-fn bind_address_no_port(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a valid c_int for the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn bind_address_no_port(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    Ok(setsockopt(sock, IpBindAddressNoPort, &true)?)
 }
 
 /// Closes an application connection with a reset, as if its own dial had failed.
