@@ -66,6 +66,22 @@ impl Backend {
         }
     }
 
+    /// `ip6tables-restore` of this backend.
+    pub fn restore6(self) -> &'static str {
+        match self {
+            Backend::Legacy => "ip6tables-legacy-restore",
+            Backend::Nft => "ip6tables-nft-restore",
+        }
+    }
+
+    /// `ip6tables-save` of this backend.
+    pub fn save6(self) -> &'static str {
+        match self {
+            Backend::Legacy => "ip6tables-legacy-save",
+            Backend::Nft => "ip6tables-nft-save",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::Legacy => "legacy",

@@ -4,7 +4,9 @@
 //! `iptables-restore`, checking what was applied, and removing it.
 
 mod backend;
+mod guard6;
 mod rules;
 
 pub use backend::{Backend, BackendError};
+pub use guard6::{guard6_rules, CHAIN6};
 pub use rules::{Error, Iptables, RuleSpec, CHAINS};

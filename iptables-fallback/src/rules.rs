@@ -133,7 +133,7 @@ impl RuleSpec {
 }
 
 /// Ports as comma-separated groups that fit one multiport match.
-fn port_groups(ports: &[u16]) -> Vec<String> {
+pub(crate) fn port_groups(ports: &[u16]) -> Vec<String> {
     let mut sorted = ports.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -208,7 +208,9 @@ impl Iptables {
     }
 
     /// Installs the rule set, replacing any earlier copy, in one transaction, then verifies it.
+    /// Also refuses new inbound IPv6 connections to what it captures ([`crate::guard6`]).
     pub fn apply(&self, spec: &RuleSpec) -> Result<(), Error> {
+        self.apply_guard6(spec)?;
         let saved = self.save()?;
         let (jumps, _) = existing(&saved);
         self.restore(&restore_text(&jumps, spec))?;
@@ -243,12 +245,14 @@ impl Iptables {
     pub fn remove(&self) -> Result<usize, Error> {
         let saved = self.save()?;
         let (jumps, chains) = existing(&saved);
+        let mut removed = self.remove_guard6()?;
         if jumps.is_empty() && chains.is_empty() {
-            return Ok(0);
+            return Ok(removed);
         }
         let text = format!("*nat\n{}COMMIT\n", removal_lines(&jumps, &chains));
         self.restore(&text)?;
-        Ok(jumps.len() + chains.len())
+        removed += jumps.len() + chains.len();
+        Ok(removed)
     }
 
     /// Whether any meshd chain or jump is present.
@@ -258,10 +262,15 @@ impl Iptables {
     }
 
     fn save(&self) -> Result<String, Error> {
-        let command = format!("{} -t nat", self.backend.save());
+        self.save_table(self.backend.save(), "nat")
+    }
+
+    /// `program -t table` (an iptables-save or ip6tables-save)'s output.
+    pub(crate) fn save_table(&self, program: &str, table: &str) -> Result<String, Error> {
+        let command = format!("{program} -t {table}");
         let out = self
-            .command(self.backend.save())
-            .args(["-t", "nat"])
+            .command(program)
+            .args(["-t", table])
             .output()
             .map_err(|source| Error::Spawn {
                 command: command.clone(),
@@ -275,13 +284,18 @@ impl Iptables {
     }
 
     fn restore(&self, text: &str) -> Result<(), Error> {
-        let command = format!("{} --noflush --wait 10", self.backend.restore());
+        self.restore_with(self.backend.restore(), text)
+    }
+
+    /// One `program --noflush` transaction (an iptables-restore or ip6tables-restore).
+    pub(crate) fn restore_with(&self, program: &str, text: &str) -> Result<(), Error> {
+        let command = format!("{program} --noflush --wait 10");
         let spawn_err = |source| Error::Spawn {
             command: command.clone(),
             source,
         };
         let mut child = self
-            .command(self.backend.restore())
+            .command(program)
             .args(["--noflush", "--wait", "10"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())

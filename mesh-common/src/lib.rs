@@ -169,7 +169,9 @@ pub mod counters {
     pub const BYPASS_FALLBACK: u32 = 6;
     /// sk_lookup in a meshed pod found no :15006 of meshd (meshd is down): connection refused.
     pub const INBOUND_REFUSED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// sk_lookup dropped an inbound IPv6 connection to a captured port (meshd proxies IPv4).
+    pub const INBOUND_V6_REFUSED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]

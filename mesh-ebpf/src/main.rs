@@ -46,6 +46,7 @@ use mesh_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V4: u32 = 0x7f00_0001;
@@ -423,7 +424,15 @@ fn recorded(ctx: &SockAddrContext) -> Option<OrigDst> {
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid bpf_sk_lookup.
     let lk = unsafe { &*ctx.lookup };
-    if lk.family != AF_INET || lk.protocol != IPPROTO_TCP {
+    if lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if lk.family == AF_INET6 {
+        // SAFETY: map lookup with a plain-data key.
+        let captured = unsafe { INBOUND_PORTS.get(lk.local_port as u16) }.is_some();
+        return if captured { refuse_v6() } else { SK_PASS };
+    }
+    if lk.family != AF_INET {
         return SK_PASS;
     }
     // meshd's own deliveries come from 127.0.0.6 and must reach the workload itself.
@@ -452,7 +461,20 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 pub fn mesh_sk_lookup_pods(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid bpf_sk_lookup.
     let lk = unsafe { &*ctx.lookup };
-    if lk.family != AF_INET || lk.protocol != IPPROTO_TCP {
+    if lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if lk.family == AF_INET6 {
+        // ::1, read word by word (ctx fields are loaded one u32 at a time).
+        let ip = &lk.local_ip6;
+        let loopback = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be();
+        return if loopback || ports::ALL.contains(&(lk.local_port as u16)) {
+            SK_PASS
+        } else {
+            refuse_v6()
+        };
+    }
+    if lk.family != AF_INET {
         return SK_PASS;
     }
     if u32::from_be(lk.remote_ip4) == DELIVERY_SOURCE_IP
@@ -473,6 +495,13 @@ pub fn mesh_sk_lookup_pods(ctx: SkLookupContext) -> u32 {
     // This program is attached only to meshed pods' namespaces: no :15006 to hand the
     // connection to means meshd is gone, and the pod must not be reached around it.
     count(counters::INBOUND_REFUSED);
+    SK_DROP
+}
+
+/// An inbound IPv6 TCP connection to what meshd captures: meshd proxies IPv4 only, so it is
+/// dropped (the client sees it refused or time out) rather than delivered in plaintext.
+fn refuse_v6() -> u32 {
+    count(counters::INBOUND_V6_REFUSED);
     SK_DROP
 }
 

@@ -39,8 +39,9 @@ fn installed(net: &TestNet, meshd: &Meshd) -> Vec<String> {
         left.push(format!("a link on the node's network namespace: {links}"));
     }
     let nat = net.exec(0, &["iptables-save", "-t", "nat"]).unwrap();
-    if nat.contains("MESH") {
-        left.push(format!("iptables rules: {nat}"));
+    let filter6 = net.exec(0, &["ip6tables-save", "-t", "filter"]).unwrap();
+    if nat.contains("MESH") || filter6.contains("MESH6") {
+        left.push(format!("iptables rules: {nat}{filter6}"));
     }
     // The node's namespace starts with no reserved port; meshd reserves its own.
     let reserved = net
@@ -243,6 +244,8 @@ fn readiness_is_503_until_interception_and_certificates_exist() {
         let mut poller = net
             .host_process(0, &["python3", "-c", READINESS_POLLER])
             .unwrap();
+        // Polling before meshd starts (python takes longer to start than meshd to get ready).
+        poller.expect_line("refused", WAIT).unwrap();
         let _meshd = net
             .start_meshd_with(0, mode, &ORDERS, &ca.config(0, "24h", &[]))
             .unwrap();

@@ -65,7 +65,7 @@ struct PodMaps {
 }
 
 /// The eBPF programs' counters, by the event name metrics and logs use.
-const KERNEL_EVENTS: [(&str, u32); 7] = [
+const KERNEL_EVENTS: [(&str, u32); 8] = [
     ("steered", counters::STEERED),
     ("excluded", counters::EXCLUDED),
     ("record_failed", counters::RECORD_FAILED),
@@ -73,6 +73,7 @@ const KERNEL_EVENTS: [(&str, u32); 7] = [
     ("bypass_sockets", counters::BYPASS_SOCKETS),
     ("bypass_kept_on_tcp", counters::BYPASS_FALLBACK),
     ("inbound_refused_meshd_down", counters::INBOUND_REFUSED),
+    ("inbound_ipv6_refused", counters::INBOUND_V6_REFUSED),
 ];
 
 /// Whether the sk_msg loopback bypass runs, and what it holds.
