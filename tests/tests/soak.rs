@@ -137,3 +137,76 @@ fn soak_short() {
         (idle[0].1, idle[1].1)
     );
 }
+
+/// Connections held open through the mesh at once (`MESHD_IDLE_CONNS` overrides).
+const IDLE_CONNS: usize = 10_000;
+/// meshd's resident memory per held connection may not pass this (the bound the test sets).
+const MAX_KIB_PER_CONN: u64 = 32;
+
+/// Both meshd's resident memory in KiB, client side first.
+fn rss(a: &Meshd, b: &Meshd) -> (u64, u64) {
+    (vm_rss_kib(a.process.pid()), vm_rss_kib(b.process.pid()))
+}
+
+/// 10,000 idle connections through the mesh at once: every one established end to end, both
+/// meshd's memory bounded per connection while they are held, and given back afterwards (within
+/// 2x of the idle value within a minute).
+#[test]
+fn ten_thousand_idle_connections_bounded_and_memory_given_back() {
+    require_privileges!();
+    let conns: usize = std::env::var("MESHD_IDLE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IDLE_CONNS);
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    let net = TestNet::new(2).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let argv = [tool.as_str(), "echo-server-async", "0.0.0.0:7000"];
+    let mut server = net.workload(1, "orders", &argv).unwrap();
+    server.expect_line("ready", WAIT).unwrap();
+    let (a, b) = start_checkout_orders(&net, &ca, "ebpf", "24h").unwrap();
+    let target = format!("{}:7000", net.node(1).addr);
+    // One connection first: the pooled tunnel and start-up allocations are part of "idle".
+    net.workload(0, "checkout", &[&tool, "hold", &target, "1", "0"])
+        .unwrap()
+        .wait_output(WAIT)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    let idle = rss(&a, &b);
+
+    let n = conns.to_string();
+    let mut holder = net
+        .workload(0, "checkout", &[&tool, "hold", &target, &n, "3"])
+        .unwrap();
+    let held = holder.expect_line_containing("held", WAIT).unwrap();
+    let peak = rss(&a, &b);
+    assert_eq!(
+        held.trim(),
+        format!("held {conns} 0"),
+        "every connection established"
+    );
+    let (_, out) = holder.wait_output(WAIT).unwrap();
+    assert!(out.contains("closed"), "{out}");
+    let bound = idle.0.max(idle.1) + conns as u64 * MAX_KIB_PER_CONN;
+    assert!(
+        peak.0 <= bound && peak.1 <= bound,
+        "RSS with {conns} connections {peak:?} KiB over the bound {bound} (idle {idle:?})"
+    );
+    let started = Instant::now();
+    let mut after = rss(&a, &b);
+    while (after.0 > 2 * idle.0 || after.1 > 2 * idle.1) && started.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_secs(1));
+        after = rss(&a, &b);
+    }
+    assert!(
+        after.0 <= 2 * idle.0 && after.1 <= 2 * idle.1,
+        "memory not given back: idle {idle:?}, after {after:?} KiB"
+    );
+    eprintln!(
+        "figure: {conns} idle connections: RSS client/server meshd idle {idle:?} KiB, held \
+         {peak:?} KiB ({:.1}/{:.1} KiB per connection), {} s after closing {after:?} KiB",
+        (peak.0 - idle.0.min(peak.0)) as f64 / conns as f64,
+        (peak.1 - idle.1.min(peak.1)) as f64 / conns as f64,
+        started.elapsed().as_secs()
+    );
+}

@@ -91,6 +91,7 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         .await;
     let result = match opened {
         Ok(o) => {
+            let _lease = o.lease;
             access.peer = Some(o.server);
             let body = tunnel::pool::response_body(o.response);
             let counts = (&access.meter.request, &access.meter.response);

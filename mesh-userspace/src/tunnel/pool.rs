@@ -1,13 +1,19 @@
-//! The HBONE client: one pooled mTLS + HTTP/2 connection per (source identity, peer node), one
-//! CONNECT stream per application connection. Reusing the connection is what makes a new
-//! application connection cheap: no handshake, one HEADERS frame. A pooled connection made with
-//! a certificate that has since rotated takes no new streams (its open streams finish on it),
-//! so the peer sees the new certificate from the next connection on.
+//! The HBONE client: pooled mTLS + HTTP/2 connections per (source identity, peer node), one
+//! CONNECT stream per application connection. Reusing a connection is what makes a new
+//! application connection cheap: no handshake, one HEADERS frame. A connection carries as many
+//! streams at once as its peer allows (`max_concurrent_streams`); beyond that the next one is
+//! opened beside it, so thousands of long-lived application connections never wait for a free
+//! stream. A pooled connection made with a certificate that has since rotated takes no new
+//! streams (its open streams finish on it), so the peer sees the new certificate from the next
+//! connection on.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
 };
 
 use bytes::Bytes;
@@ -122,9 +128,32 @@ struct Pooled {
     serial: String,
     /// Who answered: the server's verified SVID.
     server: Arc<PeerIdentity>,
+    /// Streams open on it now (each [`StreamLease`] counts one).
+    streams: Arc<AtomicUsize>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+impl Pooled {
+    /// Whether the peer lets it carry one more stream now.
+    fn has_room(&self) -> bool {
+        self.streams.load(Relaxed) < self.send.current_max_send_streams()
+    }
+
+    fn lease(&self) -> StreamLease {
+        self.streams.fetch_add(1, Relaxed);
+        StreamLease(self.streams.clone())
+    }
+}
+
+/// One stream's place on its connection, given back when dropped (the stream has ended).
+pub struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
 /// A pooled connection is shared only by streams of the same source identity, to the same peer
 /// address, insisting on the same server identity.
@@ -135,6 +164,8 @@ pub struct Opened {
     pub send: SendStream<Bytes>,
     pub response: ResponseFuture,
     pub server: Arc<PeerIdentity>,
+    /// Held for as long as the stream is used.
+    pub lease: StreamLease,
 }
 
 pub struct Pool {
@@ -167,18 +198,21 @@ impl Pool {
         let slot = self.slot((who.id.clone(), node, expected.clone()));
         let mut retried = false;
         loop {
-            let (send, server) = self.checkout(&slot, who, node, &expected).await?;
+            let (send, server, lease) = self.checkout(&slot, who, node, &expected).await?;
+            let streams = lease.0.clone();
             match connect_stream(send, target, who.baggage.as_ref())
                 .await
                 .map(|(send, response)| Opened {
                     send,
                     response,
                     server,
+                    lease,
                 }) {
-                // The pooled connection died (peer restarted, idle close): one fresh attempt.
+                // The pooled connection died (peer restarted, GOAWAY, idle close): one fresh
+                // attempt on another.
                 Err(TunnelError::H2(e)) if !retried => {
                     tracing::debug!(error = %e, %node, "pooled HBONE connection unusable; reconnecting");
-                    *slot.lock().await = None;
+                    (slot.lock().await).retain(|p| !Arc::ptr_eq(&p.streams, &streams));
                     retried = true;
                 }
                 other => return other,
@@ -191,27 +225,40 @@ impl Pool {
         slots.entry(key).or_default().clone()
     }
 
-    /// The pooled connection, or a new one if there is none or its certificate rotated. The slot
-    /// stays locked while connecting, so concurrent first requests share one handshake.
+    /// A pooled connection with room for a stream, or a new one if none has room or their
+    /// certificate rotated. The slot stays locked while connecting, so concurrent first requests
+    /// share one handshake.
     async fn checkout(
         &self,
         slot: &Slot,
         who: &ClientIdentity,
         node: Ipv4Addr,
         expected: &Option<SpiffeId>,
-    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>), TunnelError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>, StreamLease), TunnelError> {
         let mut pooled = slot.lock().await;
         let serial = who.svid.borrow().serial.clone();
-        if let Some(p) = pooled.as_ref().filter(|p| p.serial == serial) {
-            return Ok((p.send.clone(), p.server.clone()));
+        // Rotated-out connections take no new streams; idle extras beyond the first go.
+        pooled.retain(|p| p.serial == serial);
+        let mut kept_idle = false;
+        pooled.retain(|p| {
+            let busy = p.streams.load(Relaxed) > 0;
+            let keep = busy || !kept_idle;
+            kept_idle |= !busy;
+            keep
+        });
+        if let Some(p) = pooled.iter().find(|p| p.has_room()) {
+            return Ok((p.send.clone(), p.server.clone(), p.lease()));
         }
         let (send, server) = self.connect(who, node, expected).await?;
-        *pooled = Some(Pooled {
+        let p = Pooled {
             send: send.clone(),
             serial,
             server: server.clone(),
-        });
-        Ok((send, server))
+            streams: Arc::default(),
+        };
+        let lease = p.lease();
+        pooled.push(p);
+        Ok((send, server, lease))
     }
 
     async fn connect(

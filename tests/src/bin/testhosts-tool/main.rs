@@ -18,6 +18,8 @@
 //!                                        CONNS persistent connections, request after request
 //!                                        (echoed), closed-between-requests retried; print
 //!                                        `keepalive ok N failed M reconnected R` (keepalive.rs)
+//! testhosts-tool echo-server-async ADDR / hold ADDR N SECONDS
+//!                                        tens of thousands of idle connections (hold.rs)
 //! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
 //! testhosts-tool hbone ADDR AUTHORITY [CERT KEY]
 //!                                        mTLS (TLS 1.3, ALPN h2) to ADDR with the given client
@@ -69,6 +71,8 @@ fn main() {
         ["keepalive", addr, conns, secs, marker] => {
             keepalive::run(addr, parse(conns), parse(secs) as u64, marker)
         }
+        ["echo-server-async", addr] => hold::echo_server(addr),
+        ["hold", addr, n, secs] => hold::hold(addr, parse(n), parse(secs) as u64),
         ["raw", addr, what] => raw(addr, what),
         ["hbone", addr, authority] => hbone::run(addr, authority, None),
         ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
@@ -277,4 +281,5 @@ fn raw(addr: &str, what: &str) -> Result<(), String> {
 mod abuse;
 mod grpc;
 mod hbone;
+mod hold;
 mod keepalive;
