@@ -4,6 +4,12 @@ use clap::Parser;
 use meshd::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
+    // One malloc arena, set before any thread exists: glibc would give each other thread (the
+    // blocking pool that installs interception, the handover and log threads) an arena of its
+    // own, ~10 MB of resident memory kept for start-up work. mesh-bench: idle RSS 20.9 -> 11.3
+    // MB, 1,000 connections 36.1 -> 26.2 MB. (`proxy.worker_threads` > 1 shares it too.)
+    // SAFETY: mallopt only sets an allocator parameter; no other thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     meshd::logging::init(&cli.log, cli.log_format);
     let result = match cli.command {

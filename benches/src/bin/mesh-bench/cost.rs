@@ -84,7 +84,7 @@ pub fn rss_under_load(
     client: gen::Client,
     url: &str,
     script: &str,
-    running: &Running,
+    running: &mut Running,
 ) -> Result<Rss> {
     let Some(pid) = running.client_meshd().map(|m| m.process.pid()) else {
         return Ok(Rss::default());
@@ -118,6 +118,22 @@ pub fn rss_under_load(
             .unwrap_or_default();
         rss.samples
             .push(json!({"connections": conns, "rss_kib": kib, "wrk": summary}));
+        report_warnings(running, &c);
     }
     Ok(rss)
+}
+
+/// What the path's meshd warned about during a load (why wrk saw errors, if it did).
+fn report_warnings(running: &mut Running, load: &str) {
+    for (i, meshd) in running.meshd.iter_mut().enumerate() {
+        let warnings: Vec<String> = (meshd.process.output_so_far().into_iter())
+            .filter(|l| l.contains(" WARN "))
+            .collect();
+        if let Some(first) = warnings.first() {
+            eprintln!(
+                "mesh-bench: wrk {load}: meshd {i} logged {} warnings, the first: {first}",
+                warnings.len()
+            );
+        }
+    }
 }

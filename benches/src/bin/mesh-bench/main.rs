@@ -142,7 +142,7 @@ fn run(
     for round in 0..plan.rounds {
         for &kind in &wanted {
             eprintln!("mesh-bench: round {round}, path {}", kind.name());
-            let running = paths::up(kind, net, ca, dir, &pods)
+            let mut running = paths::up(kind, net, ca, dir, &pods)
                 .with_context(|| format!("bring up {}", kind.name()))?;
             let (host, pod) = if kind.in_pods() {
                 (pods.server.ip.clone(), Some(&pods.client))
@@ -185,7 +185,7 @@ fn run(
                 records.push(agreement(client, &target, plan.secs, round)?);
             }
             if kind == PathKind::MeshdEbpf && round == 0 && warmup.is_ok() {
-                rss = cost::rss_under_load(client, &target.url("/"), &script, &running)?;
+                rss = cost::rss_under_load(client, &target.url("/"), &script, &mut running)?;
                 rss.idle_kib = idle_rss.unwrap_or(0);
             }
         }

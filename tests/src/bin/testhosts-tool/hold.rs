@@ -1,7 +1,8 @@
 //! Many idle connections, event-driven (tokio, one thread):
 //!
 //! `echo-server-async ADDR`: echo every connection (any number of them); prints `ready ADDR`.
-//! `hold ADDR N SECONDS`: open N connections (256 connecting at a time), one byte echoed on
+//! `hold ADDR N SECONDS`: open N connections (256 connecting at a time, `HOLD_CONNECTING`
+//! overrides: 10000 opens them all at once), one byte echoed on
 //! each so every one is established end to end; print `held OK FAILED`; keep them open and
 //! idle for SECONDS; close them all and print `closed`.
 
@@ -57,8 +58,12 @@ pub fn hold(addr: &str, n: usize, secs: u64) -> Result<(), String> {
         let mut failed = 0u64;
         let mut held = Vec::with_capacity(n);
         let mut pending = tokio::task::JoinSet::new();
+        let connecting = std::env::var("HOLD_CONNECTING")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CONNECTING);
         for i in 0..n {
-            if pending.len() >= CONNECTING {
+            if pending.len() >= connecting {
                 collect(pending.join_next().await, &mut held, &mut failed);
             }
             pending.spawn(open(addr.to_string(), i));
