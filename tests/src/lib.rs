@@ -20,8 +20,8 @@ mod process;
 pub use capture::Capture;
 pub use footprint::Footprint;
 pub use mesh::{
-    loop_counts, start_checkout_orders, start_checkout_orders_with, MeshCa, Meshd, WorkloadSpec,
-    CHECKOUT, ORDERS,
+    loop_counts, start_checkout_orders, start_checkout_orders_with, MeshCa, Meshd, OrdersNet,
+    WorkloadSpec, CHECKOUT, ORDERS,
 };
 pub use net::{TestNet, TestNode};
 pub use process::{vm_rss_kib, Process};

@@ -253,6 +253,37 @@ pub fn start_checkout_orders_with(
     Ok((a, b))
 }
 
+/// Two test nodes, a mesh CA and the standard mesh's `orders` echo server on node 1 (listening
+/// on `listen`); meshd is not started yet.
+pub struct OrdersNet {
+    /// Dropped first (fields drop in order): the server before its net.
+    pub server: Process,
+    pub ca: MeshCa,
+    pub net: TestNet,
+    /// `orders`' IPv4 address and port 7000.
+    pub target: String,
+}
+
+impl OrdersNet {
+    pub fn new(listen: &str) -> Result<OrdersNet> {
+        let net = TestNet::new(2)?;
+        let ca = MeshCa::new(&net)?;
+        let server = net.echo_server(1, Some("orders"), listen)?;
+        let target = format!("{}:7000", net.node(1).addr);
+        Ok(OrdersNet {
+            server,
+            ca,
+            net,
+            target,
+        })
+    }
+
+    /// [`start_checkout_orders`] on this net, SVIDs living a day.
+    pub fn start_mesh(&self, mode: &str) -> Result<(Meshd, Meshd)> {
+        start_checkout_orders(&self.net, &self.ca, mode, "24h")
+    }
+}
+
 /// The standard mesh's client workload on node 0.
 pub const CHECKOUT: [WorkloadSpec; 1] = [WorkloadSpec {
     name: "checkout",

@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use testhosts::{
-    require_privileges, sibling_binary, start_checkout_orders, Capture, MeshCa, TestNet,
-};
+use testhosts::{require_privileges, sibling_binary, Capture, OrdersNet};
 
 const MARKER: &str = "IPV6-STRICT-MARKER-93d0";
 const WAIT: Duration = Duration::from_secs(30);
@@ -24,21 +22,20 @@ fn ipv6_strict_not_bypassed() {
     require_privileges!();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     for mode in ["ebpf", "iptables"] {
-        let net = TestNet::new(2).unwrap();
-        let ca = MeshCa::new(&net).unwrap();
         // Dual stack: the workload accepts IPv4 and IPv6 on :7000.
-        let _server = net.echo_server(1, Some("orders"), "[::]:7000").unwrap();
+        let on = OrdersNet::new("[::]:7000").unwrap();
+        let net = &on.net;
         let v6 = format!("[{}]:7000", net.node(1).addr6);
         let client = [tool.as_str(), "client", &v6, "100", "1", MARKER];
-        let control = Capture::start(&net, 0).unwrap();
+        let control = Capture::start(net, 0).unwrap();
         net.exec(0, &client).unwrap();
         assert!(
             control.saw(MARKER).unwrap(),
             "{mode}: control missed the marker"
         );
 
-        let (mut a, b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
-        let tcpdump = Capture::start(&net, 0).unwrap();
+        let (mut a, b) = on.start_mesh(mode).unwrap();
+        let tcpdump = Capture::start(net, 0).unwrap();
         // ebpf mode drops the SYN (the client times out), iptables mode resets it.
         let addr6 = net.node(1).addr6.to_string();
         let attempt = ["python3", "-c", ATTEMPT, &addr6];
@@ -54,8 +51,7 @@ fn ipv6_strict_not_bypassed() {
             "{mode}: the workload reached it over IPv6: {out}"
         );
         // IPv4 through the mesh still works.
-        let v4 = format!("{}:7000", net.node(1).addr);
-        let meshed = [tool.as_str(), "client", &v4, "100", "1", MARKER];
+        let meshed = [tool.as_str(), "client", &on.target, "100", "1", MARKER];
         let (status, out) = net
             .workload(0, "checkout", &meshed)
             .unwrap()
@@ -69,7 +65,7 @@ fn ipv6_strict_not_bypassed() {
             "{mode}: the marker crossed in plaintext"
         );
         if mode == "ebpf" {
-            let metrics = b.metrics(&net, 1).unwrap();
+            let metrics = b.metrics(net, 1).unwrap();
             let line = metrics
                 .lines()
                 .find(|l| l.starts_with("meshd_bpf_events{event=\"inbound_ipv6_refused\"}"))

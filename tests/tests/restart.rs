@@ -10,8 +10,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use testhosts::{
     handpods::{cni, hand_pod, route_pod_subnets, run_in_pod, start_pods_meshd},
-    loop_counts, require_privileges, sibling_binary, start_checkout_orders, Capture, MeshCa, Meshd,
-    Process, TestNet,
+    loop_counts, require_privileges, sibling_binary, Capture, MeshCa, Meshd, OrdersNet, Process,
+    TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -103,22 +103,20 @@ fn rolling_restart_under_load_fails_no_request_and_leaks_no_plaintext() {
     require_privileges!();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     for mode in ["ebpf", "iptables"] {
-        let net = TestNet::new(2).unwrap();
-        let ca = MeshCa::new(&net).unwrap();
-        let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-        let target = format!("{}:7000", net.node(1).addr);
+        let on = OrdersNet::new("0.0.0.0:7000").unwrap();
+        let (net, target) = (&on.net, &on.target);
         // Control: without the mesh the capture sees the marker, so the check can fail.
-        let control = Capture::start(&net, 0).unwrap();
-        net.exec(0, &[&tool, "keepalive", &target, "2", "1", MARKER])
+        let control = Capture::start(net, 0).unwrap();
+        net.exec(0, &[&tool, "keepalive", target, "2", "1", MARKER])
             .unwrap();
         assert!(
             control.saw(MARKER).unwrap(),
             "control capture missed the marker"
         );
 
-        let meshds = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let meshds = on.start_mesh(mode).unwrap();
         let client = |argv: &[&str]| net.workload(0, "checkout", argv).unwrap();
-        roll_both_under_load(&net, (mode, "host workloads"), meshds, client, &target);
+        roll_both_under_load(net, (mode, "host workloads"), meshds, client, target);
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use testhosts::{require_privileges, sibling_binary, start_checkout_orders, MeshCa, TestNet};
+use testhosts::{require_privileges, sibling_binary, OrdersNet};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -14,12 +14,10 @@ fn a_process_in_a_child_cgroup_belongs_to_its_workload() {
     require_privileges!();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     for mode in ["ebpf", "iptables"] {
-        let net = TestNet::new(2).unwrap();
-        let ca = MeshCa::new(&net).unwrap();
-        let _server = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
-        let (mut a, mut b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
-        let target = format!("{}:7000", net.node(1).addr);
-        let argv = [tool.as_str(), "client", &target, "100", "1"];
+        let on = OrdersNet::new("0.0.0.0:7000").unwrap();
+        let (net, target) = (&on.net, &on.target);
+        let (mut a, mut b) = on.start_mesh(mode).unwrap();
+        let argv = [tool.as_str(), "client", target, "100", "1"];
         for cgroup in ["checkout/worker", "checkout/pool/worker-1"] {
             let (status, out) = net
                 .workload(0, cgroup, &argv)
@@ -51,11 +49,10 @@ fn only_configured_workloads_are_captured() {
     require_privileges!();
     let tool = sibling_binary("testhosts-tool").display().to_string();
     for mode in ["ebpf", "iptables"] {
-        let net = TestNet::new(2).unwrap();
-        let ca = MeshCa::new(&net).unwrap();
-        let _orders = net.echo_server(1, Some("orders"), "0.0.0.0:7000").unwrap();
+        let on = OrdersNet::new("0.0.0.0:7000").unwrap();
+        let net = &on.net;
         let _other = net.echo_server(1, None, "0.0.0.0:7100").unwrap();
-        let (mut a, _b) = start_checkout_orders(&net, &ca, mode, "24h").unwrap();
+        let (mut a, _b) = on.start_mesh(mode).unwrap();
         let client = |port: u16| {
             let target = format!("{}:{port}", net.node(1).addr);
             [
