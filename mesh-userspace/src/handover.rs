@@ -72,6 +72,9 @@ pub struct Sockets {
     path: PathBuf,
     /// The inode of the socket file this meshd bound (a successor replaces the file).
     bound: Mutex<Option<u64>>,
+    /// Every live listener, once draining: kept open (with what queues on them) for a
+    /// successor after the accept loops that owned them end, until this meshd exits.
+    held: Mutex<Vec<Arc<dyn AsFd + Send + Sync>>>,
 }
 
 impl Sockets {
@@ -93,6 +96,7 @@ impl Sockets {
             phase: watch::Sender::new(Phase::Serving),
             path,
             bound: Mutex::default(),
+            held: Mutex::default(),
         }))
     }
 
@@ -174,8 +178,13 @@ impl Sockets {
         *self.phase.borrow()
     }
 
-    /// Moves to `phase` (never back).
+    /// Moves to `phase` (never back). Draining holds every live listener first, so the loops
+    /// that stop accepting on this change do not close them.
     pub fn enter(&self, phase: Phase) {
+        if phase >= Phase::Draining && self.phase() < Phase::Draining {
+            let live = self.hold();
+            *lock(&self.held) = live;
+        }
         self.phase.send_if_modified(|now| {
             let later = phase > *now;
             if later {
@@ -191,9 +200,8 @@ impl Sockets {
         let _ = rx.wait_for(|now| *now >= phase).await;
     }
 
-    /// Strong references to every live listener: held while draining, so that the sockets (and
-    /// the connections queued on them) stay for a successor after the accept loops end.
-    pub fn hold(&self) -> Vec<Arc<dyn AsFd + Send + Sync>> {
+    /// Strong references to every live listener.
+    fn hold(&self) -> Vec<Arc<dyn AsFd + Send + Sync>> {
         lock(&self.live)
             .iter()
             .filter_map(|(_, s)| s.upgrade())

@@ -28,9 +28,17 @@ fn keepalive_counts(out: &str) -> (u64, u64, u64) {
 }
 
 /// Starts a successor beside `old` on `node`, waits until it serves, then sends the old one
-/// SIGTERM and waits for it to drain and exit.
-fn roll(net: &TestNet, node: usize, mode: &str, old: &mut Meshd) -> Meshd {
+/// SIGTERM and waits for it to drain and exit. `sigterm_first`: the other order (as a stop then
+/// start does): the old meshd drains, holding its listening sockets, and the successor started
+/// meanwhile takes them.
+fn roll(net: &TestNet, node: usize, mode: &str, old: &mut Meshd, sigterm_first: bool) -> Meshd {
     let config = std::fs::read_to_string(&old.config).unwrap();
+    if sigterm_first {
+        old.process.signal(Signal::SIGTERM).unwrap();
+        old.process
+            .expect_line_containing("shutting down", WAIT)
+            .unwrap();
+    }
     let mut new = net.start_meshd_config(node, mode, &config).unwrap();
     let log = new.process.output_so_far().join("\n");
     assert!(
@@ -47,7 +55,9 @@ fn roll(net: &TestNet, node: usize, mode: &str, old: &mut Meshd) -> Meshd {
     old.process
         .expect_line_containing("the new meshd serves", WAIT)
         .unwrap();
-    old.process.signal(Signal::SIGTERM).unwrap();
+    if !sigterm_first {
+        old.process.signal(Signal::SIGTERM).unwrap();
+    }
     let (status, log) = old.process.wait_output(WAIT).unwrap();
     assert!(status.success(), "{mode} node {node}: {log}");
     assert!(
@@ -58,7 +68,8 @@ fn roll(net: &TestNet, node: usize, mode: &str, old: &mut Meshd) -> Meshd {
 }
 
 /// Runs the keep-alive load and the connection loop from `client` (which starts a process where
-/// the application runs) to `target`, rolls node 0's meshd then node 1's, and checks that no
+/// the application runs) to `target`, rolls node 0's meshd (successor first) then node 1's
+/// (SIGTERM first), and checks that no
 /// request failed and the capture on node 0's link never saw the marker.
 fn roll_both_under_load(
     net: &TestNet,
@@ -73,9 +84,9 @@ fn roll_both_under_load(
     let mut per_request = client(&[&tool, "loop", target, LOAD_SECS, MARKER]);
     a.wait_access(&["direction=outbound"], 10).unwrap();
 
-    let mut a2 = roll(net, 0, mode, &mut a);
+    let mut a2 = roll(net, 0, mode, &mut a, false);
     a2.wait_access(&["direction=outbound"], 10).unwrap();
-    let mut b2 = roll(net, 1, mode, &mut b);
+    let mut b2 = roll(net, 1, mode, &mut b, true);
     b2.wait_access(&["direction=inbound"], 10).unwrap();
 
     let (_, kept) = keepalive.wait_output(WAIT).unwrap();
