@@ -155,6 +155,9 @@ impl Drop for StreamLease {
 
 type Slot = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 
+/// Streams a new connection may carry before the peer's SETTINGS say how many it allows.
+const INITIAL_MAX_STREAMS: usize = 100;
+
 /// A pooled connection is shared only by streams of the same source identity, to the same peer
 /// address, insisting on the same server identity.
 type SlotKey = (SpiffeId, Ipv4Addr, Option<SpiffeId>);
@@ -292,6 +295,10 @@ impl Pool {
             .and_then(|leaf| identity_of(leaf).ok())
             .ok_or_else(|| TunnelError::Config("verified server without a readable SVID".into()))?;
         let (send, conn) = h2::client::Builder::new()
+            // Until the peer's SETTINGS arrive, assume the least RFC 9113 recommends peers allow
+            // (h2's default is unlimited): a burst of new streams on a fresh connection would
+            // otherwise pass the peer's limit and be refused. The SETTINGS raise it.
+            .initial_max_send_streams(INITIAL_MAX_STREAMS)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
