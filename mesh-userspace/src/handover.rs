@@ -182,7 +182,7 @@ impl Sockets {
     /// that stop accepting on this change do not close them.
     pub fn enter(&self, phase: Phase) {
         if phase >= Phase::Draining && self.phase() < Phase::Draining {
-            let live = self.hold();
+            let live = self.live().into_iter().map(|(_, s)| s).collect();
             *lock(&self.held) = live;
         }
         self.phase.send_if_modified(|now| {
@@ -200,11 +200,11 @@ impl Sockets {
         let _ = rx.wait_for(|now| *now >= phase).await;
     }
 
-    /// Strong references to every live listener.
-    fn hold(&self) -> Vec<Arc<dyn AsFd + Send + Sync>> {
+    /// Every live listener with its name, as strong references.
+    fn live(&self) -> Vec<(String, Arc<dyn AsFd + Send + Sync>)> {
         lock(&self.live)
             .iter()
-            .filter_map(|(_, s)| s.upgrade())
+            .filter_map(|(n, s)| Some((n.clone(), s.upgrade()?)))
             .collect()
     }
 
@@ -247,10 +247,7 @@ impl Sockets {
                 String::from_utf8_lossy(&buf[..n])
             );
         }
-        let live: Vec<(String, Arc<dyn AsFd + Send + Sync>)> = lock(&self.live)
-            .iter()
-            .filter_map(|(n, s)| Some((n.clone(), s.upgrade()?)))
-            .collect();
+        let live = self.live();
         let mut chunks = live.chunks(FDS_PER_MESSAGE).peekable();
         if chunks.peek().is_none() {
             send_batch(conn, &[], true)?;
