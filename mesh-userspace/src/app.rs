@@ -30,7 +30,7 @@ use crate::{
     metrics::Metrics,
     policy::reload::Live,
     proxy::{self, inbound, outbound, Context, Scope, Tunnels},
-    registry::Registry,
+    registry::{etcd, Registry, WorkloadRecord},
     tls::{self, verify::TrustBundle},
     tunnel::{
         self,
@@ -190,6 +190,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         _ = serve_cni(cni, &sockets) => Ok(()),
         _ = serve_hbone(hbone_listener.clone(), ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
+        _ = registry_source(&cfg, &ctx) => Ok(()),
         _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
@@ -364,6 +365,39 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// Hands freed heap pages back to the kernel every [`TRIM_EVERY`]: after a burst (a flood of
 /// handshakes, thousands of connections) glibc would keep them, and the resident size would stay
 /// at its peak after the burst is over.
+/// The shared registry source (`registry.etcd`), when configured: runs for as long as meshd.
+async fn registry_source(cfg: &Validated, ctx: &Arc<Context>) {
+    let (Some(settings), Some(identity)) = (&cfg.etcd, &cfg.identity) else {
+        return std::future::pending().await;
+    };
+    let node = identity.node_id.service_account.clone();
+    let host = match settings.config.advertise_address {
+        Some(address) => (cfg.workloads.iter())
+            .filter_map(|w| {
+                let id = SpiffeId::new(&identity.trust_domain, &w.namespace, &w.service_account);
+                Some(WorkloadRecord {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    node: node.clone(),
+                    address,
+                    ports: w.ports.clone(),
+                    spiffe_id: id.ok()?,
+                    labels: w.labels.clone(),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let source = etcd::Source::new(
+        settings.clone(),
+        node,
+        ctx.registry.clone(),
+        ctx.metrics.clone(),
+        host,
+    );
+    etcd::run(source).await
+}
+
 async fn trim_memory() {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     loop {

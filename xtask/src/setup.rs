@@ -61,6 +61,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "chromium",
         "the admin /graph page is checked in headless Chromium",
     ),
+    (
+        "etcd-server",
+        "the registry tests run a real etcd (with auth) on a test host",
+    ),
+    (
+        "etcd-client",
+        "etcdctl: the registry tests set up users, roles and services",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc: etcd-client's build script compiles etcd's gRPC protos",
+    ),
 ];
 
 /// cargo-fuzz release the fuzz step was verified with.

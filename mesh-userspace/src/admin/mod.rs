@@ -132,7 +132,11 @@ async fn route(state: &State, port: Port, method: &str, path: &str, query: &str)
             ok(PROMETHEUS, metrics(state))
         }
         (_, "GET", "/healthz/ready") => match state.health.ready() {
-            Ok(()) => ok(TEXT, "ready\n".into()),
+            // Serving from the last known registry state is still serving: say so, stay ready.
+            Ok(()) => match state.view.get().and_then(|v| v.ctx.registry.trouble()) {
+                Some(trouble) => ok(TEXT, format!("ready; registry: {trouble}\n")),
+                None => ok(TEXT, "ready\n".into()),
+            },
             Err(why) => (
                 "503 Service Unavailable",
                 TEXT,

@@ -73,6 +73,17 @@ pub struct Config {
     /// Limits of the :15008 listener (HTTP/2 and TLS), each with a default.
     #[serde(default)]
     pub hbone: crate::tunnel::limits::HboneLimits,
+    /// Where meshd learns about the rest of the mesh (other nodes' workloads, Services) and
+    /// publishes its own: `registry.etcd`.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    #[serde(default)]
+    pub etcd: Option<crate::registry::etcd::EtcdConfig>,
 }
 
 /// How meshd serves pods (each in its own network namespace).
@@ -238,6 +249,7 @@ pub struct Validated {
     pub limits: crate::proxy::limits::LimitsConfig,
     pub egress_policies: Vec<crate::proxy::egress::EgressPolicyConfig>,
     pub hbone: crate::tunnel::limits::HboneLimits,
+    pub etcd: Option<crate::registry::etcd::EtcdSettings>,
 }
 
 /// [`PodSettings`] with the cgroup parent found on this machine.
@@ -328,6 +340,15 @@ impl Config {
         for w in &mut workloads {
             w.party = crate::metrics::istio::Party::of(w, trust_domain);
         }
+        let etcd = (self.registry.etcd)
+            .map(|e| e.validate().map_err(|r| err("registry.etcd", r)))
+            .transpose()?;
+        if identity.is_none() && etcd.is_some() {
+            return Err(err(
+                "registry.etcd",
+                "needs an identity section (the node name it registers under)",
+            ));
+        }
         if identity.is_none() && !mesh.networks.is_empty() {
             return Err(err(
                 "mesh.networks",
@@ -347,6 +368,7 @@ impl Config {
             limits: self.limits,
             egress_policies: self.egress_policies,
             hbone: self.hbone.validate()?,
+            etcd,
         })
     }
 }

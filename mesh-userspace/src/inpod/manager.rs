@@ -25,6 +25,7 @@ use crate::{
     identity::{IdentityManager, SpiffeId},
     intercept::{PodCapture, PodNet},
     proxy::{self, inbound, outbound, Context, PodScope, Scope},
+    registry::WorkloadRecord,
     tls::{self, verify::TrustBundle},
     tunnel::{
         self,
@@ -136,7 +137,7 @@ impl PodManager {
             return Ok(());
         };
         served.capture.remove()?;
-        let unheld = self.ctx.registry.remove_local_pod(served.info.ip);
+        let unheld = self.ctx.registry.remove_local(served.info.ip);
         if let (Some(id), Some(identity)) = (unheld, &self.identity) {
             identity.manager.release(&id);
         }
@@ -288,7 +289,16 @@ impl PodServer {
             None => None,
         };
         if let Some(((client, _), _)) = &tunnels {
-            self.ctx.registry.add_local_pod(info.ip, client.id.clone());
+            self.ctx.registry.add_local(WorkloadRecord {
+                name: info.name.clone(),
+                namespace: workload.namespace.clone(),
+                // The registry source fills in its node name.
+                node: String::new(),
+                address: info.ip,
+                ports: Vec::new(),
+                spiffe_id: client.id.clone(),
+                labels: workload.labels.clone(),
+            });
         }
         self.ctx.metrics.pod_event("identity", "ok");
         tracing::info!(pod = %info.name, namespace = %workload.namespace,

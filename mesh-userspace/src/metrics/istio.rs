@@ -141,6 +141,16 @@ impl TcpLabels {
     }
 }
 
+impl TcpLabels {
+    /// The Service a connection was addressed to (`name.namespace.svc.cluster.local`, as
+    /// Istio names it; names come from the registry, so they are bounded).
+    pub fn set_service(&mut self, name: &str, namespace: &str) {
+        self.destination_service = format!("{name}.{namespace}.svc.cluster.local").into();
+        self.destination_service_name = name.into();
+        self.destination_service_namespace = namespace.into();
+    }
+}
+
 /// Labels of the request metrics: the connection's, with the response code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {

@@ -104,6 +104,26 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub policy_last_reload_failed: Gauge,
     pub policies: Gauge,
+    pub registry_connected: Family<SourceLabels, Gauge>,
+    pub registry_updates: Family<SourceResultLabels, Counter>,
+    pub registry_entries: Family<KindLabels, Gauge>,
+}
+
+/// A registry source (`etcd`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceResultLabels {
+    pub source: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 /// One authorization decision: `allow` or `deny`, the deciding policy (`ns/name`, or `-` when
@@ -167,6 +187,9 @@ impl Default for Metrics {
             policy_reloads: Family::default(),
             policy_last_reload_failed: Gauge::default(),
             policies: Gauge::default(),
+            registry_connected: Family::default(),
+            registry_updates: Family::default(),
+            registry_entries: Family::default(),
             registry: Registry::default(),
         };
         register_all!(registry:
@@ -197,6 +220,13 @@ impl Default for Metrics {
             "policy_last_reload_failed",
             "1 when the last policy reload was rejected (the previous policy is in force)" => m.policy_last_reload_failed;
             "policies", "Authorization policies in force" => m.policies;
+            "registry_connected",
+            "1 while the registry source is connected and watching; 0 while meshd serves from \
+             the last state it knew" => m.registry_connected;
+            "registry_updates",
+            "Registry updates from a source, by result (listed, applied, rejected_<reason>)" => m.registry_updates;
+            "registry_entries",
+            "Workloads and Services the shared registry source holds now" => m.registry_entries;
             "build_info", "1, labelled with meshd's version and interception mode" => m.build;
             "certificate_expiry_seconds",
             "Seconds until the SVID of each local identity expires (renewed at half life)" => m.certificate_expiry;
@@ -243,6 +273,25 @@ impl Metrics {
     }
 
     /// `meshd_build_info{version,mode} 1`, once the interception mode is known.
+    pub fn registry_connected(&self, source: &'static str, up: bool) {
+        let gauge = self
+            .registry_connected
+            .get_or_create(&SourceLabels { source });
+        gauge.set(i64::from(up));
+    }
+
+    pub fn registry_update(&self, source: &'static str, result: &'static str) {
+        let labels = SourceResultLabels { source, result };
+        self.registry_updates.get_or_create(&labels).inc();
+    }
+
+    pub fn registry_entries(&self, workloads: usize, services: usize) {
+        for (kind, n) in [("workload", workloads), ("service", services)] {
+            let gauge = self.registry_entries.get_or_create(&KindLabels { kind });
+            gauge.set(n as i64);
+        }
+    }
+
     pub fn build_info(&self, mode: &'static str) {
         let version = env!("CARGO_PKG_VERSION");
         self.build

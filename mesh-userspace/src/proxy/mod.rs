@@ -100,8 +100,10 @@ pub struct Tunnels {
 }
 
 impl Context {
+    /// Destinations reached through HBONE: the mesh networks, and any address the registry
+    /// knows (a workload or a Service).
     pub fn in_mesh(&self, ip: Ipv4Addr) -> bool {
-        self.mesh_networks.iter().any(|n| n.contains(ip))
+        self.mesh_networks.iter().any(|n| n.contains(ip)) || self.registry.knows(ip)
     }
 
     /// The local workload an inbound connection to `dst` is for: in a pod, the pod itself (every
@@ -209,6 +211,8 @@ pub struct Access {
     pub flags: &'static str,
     /// Its Istio counters: bytes are added to them as they flow.
     pub meter: Meter,
+    /// Outbound to a Service address: the Service and the endpoint it went to.
+    pub service: Option<(Arc<crate::registry::ServiceTarget>, SocketAddrV4)>,
     started: Instant,
     active: Gauge,
 }
@@ -234,6 +238,7 @@ impl Access {
             server_check: "-",
             flags: "-",
             meter: ctx.metrics.istio.open(istio),
+            service: None,
             started: Instant::now(),
             active,
         }
@@ -268,6 +273,8 @@ impl Access {
             src = %self.src.map_or("?".into(), |p| p.to_string()),
             dst = %self.dst,
             server_check = %self.server_check,
+            service = %self.service.as_ref().map_or("-".into(), |(s, _)| format!("{}/{}", s.namespace, s.name)),
+            endpoint = %self.service.as_ref().map_or("-".into(), |(_, e)| e.to_string()),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,

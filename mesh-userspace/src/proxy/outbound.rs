@@ -3,18 +3,25 @@
 //! the mesh go through an HBONE tunnel carrying the sender's SVID, others follow the egress
 //! setting (plaintext passthrough or refusal).
 
-use std::sync::Arc;
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 
 use super::{labels, relay_plaintext, reset, Access, Context, Scope};
 use crate::{
+    identity::SpiffeId,
     intercept::Origin,
     metrics::{
         istio::{Party, TcpLabels},
         Direction,
     },
-    tunnel::{self, pool::TunnelError},
+    tunnel::{
+        self,
+        pool::{ClientIdentity, Opened, Pool, TunnelError},
+    },
 };
 
 pub async fn handle(app: TcpStream, ctx: Arc<Context>, scope: Scope) {
@@ -71,24 +78,34 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         reset(&app);
         return;
     };
-    let expected = ctx.registry.expected(*origin.dst.ip());
+    // A Service address: one of its endpoints, in turn; one that cannot be reached or does
+    // not prove its identity is skipped (nothing of the application's has been sent yet).
+    let service = ctx.registry.service(origin.dst);
+    let candidates: Vec<(SocketAddrV4, Option<SpiffeId>)> = match &service {
+        Some(s) => (ctx.registry.endpoints_in_turn(s).into_iter())
+            .map(|e| (e.addr, Some(e.spiffe_id)))
+            .collect(),
+        None => vec![(origin.dst, ctx.registry.expected(origin.dst))],
+    };
+    let (opened, (target, expected)) = open_first(pool, client, &candidates).await;
     let source = (origin.workload.as_deref()).map_or_else(Party::unknown, |w| w.party.clone());
     let destination = expected
         .as_ref()
         .map_or_else(Party::unknown, Party::from_principal);
-    let istio = TcpLabels::new("source", &source, &destination, "tcp", true);
+    let mut istio = TcpLabels::new("source", &source, &destination, "tcp", true);
+    if let Some(s) = &service {
+        istio.set_service(&s.name, &s.namespace);
+    }
     let labels = labels(ctx, Direction::Outbound, "hbone");
     let mut access = Access::begin(ctx, labels, origin.dst, app.peer_addr().ok(), istio);
     access.workload = origin.workload.clone();
+    access.service = service.map(|s| (s, target));
     access.server_check = if expected.is_some() {
         "verified"
     } else {
         "unknown_destination_identity"
     };
     ctx.metrics.server_identity(access.server_check);
-    let opened = pool
-        .open(client, *origin.dst.ip(), origin.dst, expected)
-        .await;
     let result = match opened {
         Ok(o) => {
             let _lease = o.lease;
@@ -113,4 +130,38 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         reset(&app);
     }
     access.finish(ctx, result);
+}
+
+/// Opens a stream to the first of `candidates` that answers as expected; with none, the error
+/// of the last one tried (a Service without endpoints: `NoEndpoints`).
+async fn open_first(
+    pool: &Pool,
+    client: &ClientIdentity,
+    candidates: &[(SocketAddrV4, Option<SpiffeId>)],
+) -> (
+    Result<Opened, TunnelError>,
+    (SocketAddrV4, Option<SpiffeId>),
+) {
+    let mut last = (
+        Err(TunnelError::NoEndpoints),
+        (SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), None),
+    );
+    for (target, expected) in candidates {
+        let opened = pool
+            .open(client, *target.ip(), *target, expected.clone())
+            .await;
+        let skip = matches!(
+            &opened,
+            Err(TunnelError::Connect(_) | TunnelError::Handshake(..))
+        );
+        if skip && candidates.len() > 1 {
+            tracing::info!(%target, error = %opened.as_ref().err().map_or(String::new(), |e| e.to_string()),
+                "service endpoint skipped: trying the next");
+        }
+        last = (opened, (*target, expected.clone()));
+        if !skip {
+            break;
+        }
+    }
+    last
 }

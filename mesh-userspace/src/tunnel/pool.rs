@@ -95,6 +95,8 @@ pub enum TunnelError {
     Refused(http::StatusCode),
     #[error("client TLS configuration: {0}")]
     Config(String),
+    #[error("the Service has no endpoints")]
+    NoEndpoints,
 }
 
 impl TunnelError {
@@ -106,6 +108,7 @@ impl TunnelError {
             TunnelError::Config(_) => "tunnel_config",
             TunnelError::H2(_) => "tunnel_h2_error",
             TunnelError::Refused(_) => "tunnel_refused",
+            TunnelError::NoEndpoints => "no_endpoints",
         }
     }
 
@@ -116,7 +119,7 @@ impl TunnelError {
             TunnelError::Connect(_) | TunnelError::Handshake(..) | TunnelError::Config(_) => "UF",
             TunnelError::Refused(s) if *s == http::StatusCode::FORBIDDEN => "RBAC",
             TunnelError::Refused(s) if *s == http::StatusCode::TOO_MANY_REQUESTS => "UO",
-            TunnelError::Refused(_) => "NR",
+            TunnelError::Refused(_) | TunnelError::NoEndpoints => "NR",
             TunnelError::H2(_) => "UC",
         }
     }
