@@ -125,8 +125,20 @@ pub fn hand_pod(net: &TestNet, node: usize, k: usize) -> HandPod {
     }
 }
 
-/// Runs `meshd-cni COMMAND` as a runtime does (env + chained conf on stdin).
+/// Runs `meshd-cni COMMAND` as a runtime does (env + chained conf on stdin); the pod's labels
+/// are `app: <name>`.
 pub fn cni(command: &str, pod: &HandPod, name: &str, socket: &str) -> (bool, String) {
+    cni_labelled(command, pod, name, &format!("app:{name}"), socket)
+}
+
+/// [`cni`] with the pod's labels (`k:v,k:v`).
+pub fn cni_labelled(
+    command: &str,
+    pod: &HandPod,
+    name: &str,
+    labels: &str,
+    socket: &str,
+) -> (bool, String) {
     let conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "pods", "type": "meshd-cni", "meshd_socket": socket,
         "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]},
@@ -136,7 +148,7 @@ pub fn cni(command: &str, pod: &HandPod, name: &str, socket: &str) -> (bool, Str
         .env("CNI_CONTAINERID", &pod.id)
         .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_SERVICE_ACCOUNT={name};MESHD_LABELS=app:{name}"))
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_SERVICE_ACCOUNT={name};MESHD_LABELS={labels}"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

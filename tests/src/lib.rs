@@ -9,6 +9,7 @@
 //! print why and pass locally, and fail under `CI=true` so a green CI never hides a skip.
 
 mod capture;
+pub mod etcd;
 mod footprint;
 pub mod handpods;
 mod mesh;

@@ -57,6 +57,7 @@ pub async fn config_dump(state: &State) -> Value {
         "networks": view.cfg.mesh.networks.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "egress": format!("{:?}", ctx.egress),
     });
+    dump["registry"] = ctx.registry.dump();
     let policies = ctx.policy.current();
     dump["policies"] = (policies.iter())
         .map(|p| {

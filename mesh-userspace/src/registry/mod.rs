@@ -199,6 +199,28 @@ impl Registry {
         Some(format!("{why} (for {secs}s)"))
     }
 
+    /// The registry as `/config_dump` shows it: local and shared workloads, Services with
+    /// their endpoints now, and the shared source's trouble.
+    pub fn dump(&self) -> serde_json::Value {
+        let index = self.index();
+        let shared: Vec<&WorkloadRecord> =
+            (index.workloads.values().flatten()).map(|r| &**r).collect();
+        let services: Vec<serde_json::Value> = (index.services.iter())
+            .map(|(addr, s)| {
+                let endpoints: Vec<String> =
+                    s.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                serde_json::json!({"service": format!("{}/{}", s.namespace, s.name),
+                    "address": addr.to_string(), "endpoints": endpoints})
+            })
+            .collect();
+        serde_json::json!({
+            "local": self.local_records(),
+            "shared": shared,
+            "services": services,
+            "trouble": self.trouble(),
+        })
+    }
+
     fn reindex(&self, remote: &Remote) {
         let mut by_rev: Vec<&(WorkloadRecord, i64)> = remote.workloads.values().collect();
         by_rev.sort_by_key(|(_, rev)| std::cmp::Reverse(*rev));
