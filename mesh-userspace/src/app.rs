@@ -24,7 +24,7 @@ use crate::{
     admin::{self, dump::View, Port, State},
     config::{IdentitySettings, Validated},
     handover::{Phase, Sockets},
-    identity::{IdentityManager, IssuerFiles, SpiffeId},
+    identity::{ca_client::CaClient, IdentityManager, IssuerFiles, Signer, SpiffeId},
     inpod::manager::{PodIdentity, PodManager},
     intercept::{ebpf, iptables, Interception, Mode},
     metrics::Metrics,
@@ -100,7 +100,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     metrics.policies.set(policy.current().len() as i64);
     let (tunnels, hbone_tls, pod_identity) = match &cfg.identity {
         Some(identity) => {
-            let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics)?;
+            let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics).await?;
             state.health.set_identity(pods.manager.clone());
             (Some(tunnels), Some(tls), Some(pods))
         }
@@ -258,7 +258,7 @@ impl Drop for ReservedPorts {
 
 /// Mints the local identities' SVIDs (and keeps them renewed), and builds the HBONE client
 /// configuration of each workload and the :15008 server configuration.
-fn start_identity(
+async fn start_identity(
     settings: &IdentitySettings,
     cfg: &Validated,
     metrics: &Arc<Metrics>,
@@ -273,21 +273,25 @@ fn start_identity(
     }
     let mut ids: Vec<SpiffeId> = workload_ids.iter().map(|(_, id)| id.clone()).collect();
     ids.push(settings.node_id.clone());
-    let issuer = IssuerFiles {
-        cert: settings.node_cert.clone(),
-        key: settings.node_key.clone(),
-    };
-    let manager = Arc::new(IdentityManager::start(
-        issuer,
-        settings.svid_ttl,
-        ids,
-        metrics.clone(),
-    )?);
     let bundle = Arc::new(TrustBundle::load(
         td,
         &settings.trust_bundle,
         &settings.revocation,
     )?);
+    let signer = match settings.ca_service {
+        None => Signer::Local(IssuerFiles {
+            cert: settings.node_cert.clone(),
+            key: settings.node_key.clone(),
+        }),
+        Some(address) => Signer::Remote(Arc::new(CaClient::new(
+            address.into(),
+            (&settings.node_cert, &settings.node_key),
+            bundle.clone(),
+            cfg.proxy.mark,
+        )?)),
+    };
+    let manager = IdentityManager::start(signer, settings.svid_ttl, ids, metrics.clone());
+    let manager = Arc::new(manager.await?);
     let mut clients = HashMap::new();
     // `workload_ids` follows `cfg.workloads`, one entry each.
     for ((name, id), workload) in workload_ids.into_iter().zip(&cfg.workloads) {

@@ -169,6 +169,8 @@ pub enum CaCommand {
         trust_domain: String,
     },
     /// Create a node intermediate signed by the root in DIR: DIR/NODE.crt and DIR/NODE.key.
+    /// The single-node shortcut: it can sign any identity of the trust domain. With several
+    /// nodes, run `ca serve` and give each node a `ca node-credential` instead.
     IssueNode {
         /// The node's name (its HBONE identity is .../ns/meshd-system/sa/NODE).
         node: String,
@@ -179,6 +181,70 @@ pub enum CaCommand {
         #[arg(long, default_value = "720h")]
         ttl: String,
     },
+    /// Create a node credential signed by the root in DIR: a leaf that cannot sign, naming
+    /// the node, which the node's meshd shows the CA service (DIR/NODE-credential.crt|.key).
+    NodeCredential {
+        /// The node's name (its identity is .../ns/meshd-system/sa/NODE).
+        node: String,
+        /// The directory holding the root (`ca init --dir`).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Lifetime, e.g. 8760h.
+        #[arg(long, default_value = "8760h")]
+        ttl: String,
+    },
+    /// Run the CA service: sign SVIDs for nodes (authenticated by their node credential) for
+    /// the workloads the registry (etcd) places on them, and nothing else.
+    Serve(CaServeArgs),
+    /// Ask a CA service for an SVID with a node credential (for operators and tests): writes
+    /// OUT.crt (chain) and OUT.key.
+    Request {
+        /// The SPIFFE ID to ask for.
+        spiffe_id: String,
+        /// The CA service's address.
+        #[arg(long)]
+        ca: std::net::SocketAddrV4,
+        /// The node credential's certificate and key.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Roots the CA service's certificate must chain to.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Path prefix of the files written.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaServeArgs {
+    /// The CA directory: root.crt and root.key (from `ca init`).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where to listen.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// The longest lifetime it signs, e.g. 24h.
+    #[arg(long, default_value = "24h")]
+    max_ttl: String,
+    /// etcd member URLs of the registry (repeat for several).
+    #[arg(long = "etcd", required = true)]
+    etcd: Vec<String>,
+    /// etcd user (read access to the registry prefix is enough).
+    #[arg(long)]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long)]
+    etcd_password_file: Option<PathBuf>,
+    /// The registry's key prefix.
+    #[arg(long, default_value = "/meshd")]
+    etcd_prefix: String,
 }
 
 /// Runs `meshd ca ...`.
@@ -194,7 +260,99 @@ pub fn ca(command: CaCommand) -> Result<()> {
             let (cert, key) = crate::identity::ca::issue_node(&dir, &node, ttl)?;
             println!("node {node}: {} {}", cert.display(), key.display());
         }
+        CaCommand::NodeCredential {
+            node,
+            dir,
+            trust_domain,
+            ttl,
+        } => {
+            let ttl = crate::config::mesh::parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            let (cert, key) =
+                crate::identity::ca::issue_node_credential(&dir, &node, &trust_domain, ttl)?;
+            println!(
+                "node {node} credential: {} {}",
+                cert.display(),
+                key.display()
+            );
+        }
+        CaCommand::Serve(args) => {
+            runtime()?.block_on(crate::identity::ca_service::serve(args.settings()?))?
+        }
+        CaCommand::Request {
+            spiffe_id,
+            ca,
+            cert,
+            key,
+            bundle,
+            out,
+        } => runtime()?.block_on(request_svid(&spiffe_id, ca, (&cert, &key), &bundle, &out))?,
     }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+impl CaServeArgs {
+    fn settings(self) -> Result<crate::identity::ca_service::Settings> {
+        let etcd = crate::registry::etcd::EtcdConfig {
+            endpoints: self.etcd,
+            prefix: self.etcd_prefix,
+            username: self.etcd_user,
+            password_file: self.etcd_password_file,
+            tls: None,
+            lease_ttl: "10s".into(),
+            advertise_address: None,
+        };
+        let etcd = etcd
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--etcd*: {e}"))?
+            .config;
+        let root = self.dir.join(crate::identity::ca::ROOT_CERT);
+        Ok(crate::identity::ca_service::Settings {
+            cert: root.clone(),
+            key: self.dir.join(crate::identity::ca::ROOT_KEY),
+            bundle: vec![root],
+            trust_domain: self.trust_domain,
+            listen: self.listen,
+            max_ttl: crate::config::mesh::parse_duration(&self.max_ttl)
+                .map_err(anyhow::Error::msg)?,
+            etcd,
+        })
+    }
+}
+
+/// `meshd ca request`: one SVID from the CA service, written as OUT.crt and OUT.key.
+async fn request_svid(
+    id: &str,
+    ca: std::net::SocketAddrV4,
+    credential: (&std::path::Path, &std::path::Path),
+    bundle: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<()> {
+    let id: crate::identity::SpiffeId = id.parse()?;
+    let td = id.trust_domain.clone();
+    let bundle = std::sync::Arc::new(crate::tls::verify::TrustBundle::load(
+        &td,
+        &[bundle],
+        &Default::default(),
+    )?);
+    let client = crate::identity::ca_client::CaClient::new(ca.into(), credential, bundle, 0)?;
+    let svid = client
+        .sign(&id, std::time::Duration::from_secs(3600))
+        .await?;
+    std::fs::write(out.with_extension("crt"), &svid.chain_pem)?;
+    let key = out.with_extension("key");
+    std::fs::write(&key, &svid.key_pem)?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    println!(
+        "{id}: serial {} written to {}.crt",
+        svid.serial,
+        out.display()
+    );
     Ok(())
 }
 

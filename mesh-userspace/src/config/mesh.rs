@@ -24,6 +24,18 @@ pub struct IdentityConfig {
     pub svid_ttl: String,
     #[serde(default)]
     pub revocation: RevocationConfig,
+    /// The CA service (`meshd ca serve`) at `address` signs this node's SVIDs; `node_cert` and
+    /// `node_key` are then the node credential (`meshd ca node-credential`, a leaf that cannot
+    /// sign). Without it they are a node intermediate and meshd mints SVIDs itself (the
+    /// single-node shortcut).
+    #[serde(default)]
+    pub ca_service: Option<CaServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaServiceConfig {
+    pub address: std::net::SocketAddrV4,
 }
 
 fn default_ttl() -> String {
@@ -130,6 +142,7 @@ pub struct IdentitySettings {
     pub trust_bundle: Vec<PathBuf>,
     pub svid_ttl: Duration,
     pub revocation: Revocation,
+    pub ca_service: Option<std::net::SocketAddrV4>,
 }
 
 impl IdentityConfig {
@@ -192,6 +205,7 @@ impl IdentityConfig {
                 serials: self.revocation.serials.clone(),
                 crl_files: self.revocation.crls.clone(),
             },
+            ca_service: self.ca_service.as_ref().map(|c| c.address),
         })
     }
 }

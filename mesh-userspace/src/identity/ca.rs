@@ -43,12 +43,11 @@ pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf> {
 }
 
 /// `meshd ca issue-node NODE`: a node intermediate signed by the root in `dir`, written as
-/// `<dir>/<node>.crt` and `<dir>/<node>.key`.
+/// `<dir>/<node>.crt` and `<dir>/<node>.key`. The single-node shortcut: whoever holds it can
+/// sign any identity of the trust domain; meshes of several nodes use the CA service and
+/// [`issue_node_credential`].
 pub fn issue_node(dir: &Path, node: &str, ttl: Duration) -> Result<(PathBuf, PathBuf)> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
-    if node.is_empty() || !node.chars().all(ok) || node.starts_with('.') {
-        bail!("node name {node:?}: use letters, digits, '-', '.', '_'");
-    }
+    check_node_name(node)?;
     let root = Issuer::load(&dir.join(ROOT_CERT), &dir.join(ROOT_KEY))?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let params = ca_params(&format!("meshd node {node}"), 0, ttl)?;
@@ -60,6 +59,42 @@ pub fn issue_node(dir: &Path, node: &str, ttl: Duration) -> Result<(PathBuf, Pat
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
     Ok((cert_path, key_path))
+}
+
+/// `meshd ca node-credential NODE`: what a node shows the CA service, signed by the root in
+/// `dir`: a leaf (CA:false, client authentication only) naming the node's identity
+/// `spiffe://<td>/ns/meshd-system/sa/<node>`, written as `<dir>/<node>-credential.crt|.key`.
+/// It cannot sign anything.
+pub fn issue_node_credential(
+    dir: &Path,
+    node: &str,
+    trust_domain: &str,
+    ttl: Duration,
+) -> Result<(PathBuf, PathBuf)> {
+    check_node_name(node)?;
+    let id = super::node_id(trust_domain, node)?;
+    let root = Issuer::load(&dir.join(ROOT_CERT), &dir.join(ROOT_KEY))?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let now = SystemTime::now();
+    let mut params =
+        super::svid::leaf_params(&id, now - Duration::from_secs(60), not_after(now, ttl)?)?;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &root.issuer)?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{node}-credential.crt")),
+        dir.join(format!("{node}-credential.key")),
+    );
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+fn check_node_name(node: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if node.is_empty() || !node.chars().all(ok) || node.starts_with('.') {
+        bail!("node name {node:?}: use letters, digits, '-', '.', '_'");
+    }
+    Ok(())
 }
 
 fn ca_params(common_name: &str, path_len: u8, ttl: Duration) -> Result<CertificateParams> {

@@ -30,11 +30,34 @@ pub struct IssuerFiles {
     pub key: PathBuf,
 }
 
+/// Where SVIDs come from.
+#[derive(Clone)]
+pub enum Signer {
+    /// The single-node shortcut: minted here from a node intermediate on disk (re-read at
+    /// every signing, so an operator rotates it by replacing the files).
+    Local(IssuerFiles),
+    /// The CA service: a signing request over mutual TLS with the node credential.
+    Remote(Arc<super::ca_client::CaClient>),
+}
+
+impl Signer {
+    pub async fn sign(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid> {
+        match self {
+            Signer::Local(files) => {
+                let issuer =
+                    Issuer::load(&files.cert, &files.key).context("load the node intermediate")?;
+                svid::mint(&issuer, id, ttl).with_context(|| format!("mint SVID for {id}"))
+            }
+            Signer::Remote(ca) => ca.sign(id, ttl).await,
+        }
+    }
+}
+
 pub struct IdentityManager {
     certs: std::sync::Mutex<BTreeMap<SpiffeId, watch::Receiver<Arc<Svid>>>>,
     /// Identities given at start (the node's, host workloads'): never released.
     fixed: std::collections::BTreeSet<SpiffeId>,
-    issuer: IssuerFiles,
+    signer: Signer,
     ttl: Duration,
     metrics: Arc<Metrics>,
 }
@@ -42,8 +65,8 @@ pub struct IdentityManager {
 impl IdentityManager {
     /// Mints an SVID for each id now (failure is fatal: nothing could be served) and starts
     /// a renewal task per id.
-    pub fn start(
-        issuer: IssuerFiles,
+    pub async fn start(
+        signer: Signer,
         ttl: Duration,
         ids: Vec<SpiffeId>,
         metrics: Arc<Metrics>,
@@ -51,12 +74,12 @@ impl IdentityManager {
         let manager = IdentityManager {
             certs: Default::default(),
             fixed: ids.iter().cloned().collect(),
-            issuer,
+            signer,
             ttl,
             metrics,
         };
         for id in ids {
-            manager.ensure(&id)?;
+            manager.ensure(&id).await?;
         }
         Ok(manager)
     }
@@ -75,21 +98,18 @@ impl IdentityManager {
 
     /// The SVID channel of `id`, minting it (and starting its renewal) the first time: pods
     /// bring identities while meshd runs.
-    pub fn ensure(&self, id: &SpiffeId) -> Result<watch::Receiver<Arc<Svid>>> {
+    pub async fn ensure(&self, id: &SpiffeId) -> Result<watch::Receiver<Arc<Svid>>> {
         if let Some(rx) = self.watch(id) {
             return Ok(rx);
         }
-        let current = Issuer::load(&self.issuer.cert, &self.issuer.key)
-            .context("load the node intermediate")?;
-        let svid =
-            svid::mint(&current, id, self.ttl).with_context(|| format!("mint SVID for {id}"))?;
+        let svid = self.signer.sign(id, self.ttl).await?;
         tracing::info!(%id, serial = %svid.serial, "SVID issued");
         let (tx, rx) = watch::channel(Arc::new(svid));
         let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         let rx = certs.entry(id.clone()).or_insert(rx).clone();
         tokio::spawn(renew(
             tx,
-            self.issuer.clone(),
+            self.signer.clone(),
             self.ttl,
             self.metrics.clone(),
         ));
@@ -110,12 +130,7 @@ impl IdentityManager {
     }
 }
 
-async fn renew(
-    tx: watch::Sender<Arc<Svid>>,
-    issuer: IssuerFiles,
-    ttl: Duration,
-    metrics: Arc<Metrics>,
-) {
+async fn renew(tx: watch::Sender<Arc<Svid>>, signer: Signer, ttl: Duration, metrics: Arc<Metrics>) {
     let retry = (ttl / 10).clamp(Duration::from_millis(200), Duration::from_secs(30));
     let mut next = tx.borrow().renew_at();
     loop {
@@ -125,7 +140,7 @@ async fn renew(
             return;
         }
         let id = tx.borrow().id.clone();
-        let minted = Issuer::load(&issuer.cert, &issuer.key).and_then(|i| svid::mint(&i, &id, ttl));
+        let minted = signer.sign(&id, ttl).await;
         match minted {
             Ok(svid) => {
                 tracing::info!(%id, serial = %svid.serial, "SVID renewed");
@@ -163,13 +178,14 @@ mod tests {
         let node = SpiffeId::new("cluster.local", "meshd-system", "n").unwrap();
         let pod = SpiffeId::new("cluster.local", "shop", "web").unwrap();
         let ttl = Duration::from_secs(3600);
-        let m = IdentityManager::start(issuer, ttl, vec![node.clone()], Default::default());
-        let m = m.unwrap();
-        let first = m.ensure(&pod).unwrap().borrow().serial.clone();
+        let signer = Signer::Local(issuer);
+        let m = IdentityManager::start(signer, ttl, vec![node.clone()], Default::default());
+        let m = m.await.unwrap();
+        let first = m.ensure(&pod).await.unwrap().borrow().serial.clone();
         m.release(&pod);
         m.release(&node);
         assert!(m.watch(&pod).is_none() && m.watch(&node).is_some());
-        let again = m.ensure(&pod).unwrap().borrow().serial.clone();
+        let again = m.ensure(&pod).await.unwrap().borrow().serial.clone();
         assert_ne!(first, again, "a new pod of the identity gets a fresh SVID");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -3,11 +3,13 @@
 //! `borrow()` away for every new handshake and established connections are never touched.
 
 pub mod ca;
+pub mod ca_client;
+pub mod ca_service;
 mod manager;
 mod spiffe;
 pub mod svid;
 
-pub use manager::{node_id, IdentityManager, IssuerFiles};
+pub use manager::{node_id, IdentityManager, IssuerFiles, Signer, NODE_NAMESPACE};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use svid::Svid;
 

@@ -6,13 +6,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
     SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{ca::Issuer, SpiffeId};
 
@@ -72,6 +73,19 @@ pub fn mint_valid(
     not_after: SystemTime,
 ) -> Result<Svid> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let cert = leaf_params(id, not_before, not_after)?.signed_by(&key, &issuer.issuer)?;
+    let chain_pem = format!("{}{}", cert.pem(), crate::tls::pem_cert(&issuer.cert));
+    from_chain(id, &chain_pem, &key)
+}
+
+/// The certificate of an SVID for `id`: its one URI SAN, not a CA, a digital signature key for
+/// server and client authentication, a random serial. The CA service signs requests with these
+/// parameters, whatever the request asked for.
+pub fn leaf_params(
+    id: &SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
@@ -81,25 +95,43 @@ pub fn mint_valid(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let serial = super::ca::random_serial();
-    params.serial_number = Some(serial.clone().into());
+    params.serial_number = Some(super::ca::random_serial().into());
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-    let cert = params.signed_by(&key, &issuer.issuer)?;
-    let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone(), issuer.cert.clone()];
+    Ok(params)
+}
+
+/// An SVID from a PEM chain (the leaf first) and the key it was issued for: the leaf must name
+/// `id` and hold that key's public half.
+pub fn from_chain(id: &SpiffeId, chain_pem: &str, key: &KeyPair) -> Result<Svid> {
+    let chain = crate::tls::certs_from_pem(chain_pem)?;
+    let leaf = chain.first().context("an empty certificate chain")?;
+    let peer = crate::tls::verify::identity_of(leaf)?;
+    anyhow::ensure!(
+        peer.id == *id,
+        "the certificate names {}, not {id}",
+        peer.id
+    );
+    let (_, cert) = X509Certificate::from_der(leaf)?;
+    anyhow::ensure!(
+        cert.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(key).as_slice(),
+        "the certificate is not for this key"
+    );
+    let time = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing = crate::tls::provider()
         .key_provider
         .load_private_key(key_der)?;
-    let chain_pem = format!("{}{}", cert.pem(), crate::tls::pem_cert(&issuer.cert));
     Ok(Svid {
         id: id.clone(),
-        serial: super::serial_hex(&serial),
-        not_before,
-        not_after,
+        serial: peer.serial,
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
         issued_at: SystemTime::now(),
         certified: Arc::new(CertifiedKey::new(chain, signing)),
-        chain_pem,
+        chain_pem: chain_pem.to_string(),
         key_pem: key.serialize_pem(),
     })
 }

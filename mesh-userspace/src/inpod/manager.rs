@@ -278,9 +278,10 @@ impl PodServer {
         workload.party = crate::metrics::istio::Party::of(&workload, trust_domain);
         let workload = Arc::new(workload);
         let tunnels = match &self.identity {
-            Some(id) => match self.pod_tls(id, &workload, &netns) {
+            Some(id) => match self.pod_tls(id, &workload, &netns, &info).await {
                 Ok(t) => Some(t),
                 Err(e) => {
+                    self.ctx.registry.remove_local(info.ip);
                     self.ctx.metrics.pod_event("identity", "failed");
                     tracing::warn!(pod = %info.name, error = %format!("{e:#}"), "no SVID for the pod");
                     return;
@@ -288,18 +289,6 @@ impl PodServer {
             },
             None => None,
         };
-        if let Some(((client, _), _)) = &tunnels {
-            self.ctx.registry.add_local(WorkloadRecord {
-                name: info.name.clone(),
-                namespace: workload.namespace.clone(),
-                // The registry source fills in its node name.
-                node: String::new(),
-                address: info.ip,
-                ports: Vec::new(),
-                spiffe_id: client.id.clone(),
-                labels: workload.labels.clone(),
-            });
-        }
         self.ctx.metrics.pod_event("identity", "ok");
         tracing::info!(pod = %info.name, namespace = %workload.namespace,
             service_account = %workload.service_account, "pod identity known; serving it");
@@ -317,18 +306,31 @@ impl PodServer {
 
     /// The pod's SVID: its HBONE client identity (tunnels leave from inside the pod) and the
     /// :15008 server configuration presenting it.
-    fn pod_tls(
+    async fn pod_tls(
         &self,
         id: &PodIdentity,
         workload: &Workload,
         netns: &Arc<Netns>,
+        info: &PodInfo,
     ) -> Result<(PodTunnels, Arc<rustls::ServerConfig>)> {
         let spiffe = SpiffeId::new(
             &id.trust_domain,
             &workload.namespace,
             &workload.service_account,
         )?;
-        let svid = id.manager.ensure(&spiffe)?;
+        // Registered before the SVID is asked for: the CA service signs only identities the
+        // registry places on this node.
+        self.ctx.registry.add_local(WorkloadRecord {
+            name: info.name.clone(),
+            namespace: workload.namespace.clone(),
+            // The registry source fills in its node name.
+            node: String::new(),
+            address: info.ip,
+            ports: Vec::new(),
+            spiffe_id: spiffe.clone(),
+            labels: workload.labels.clone(),
+        });
+        let svid = id.manager.ensure(&spiffe).await?;
         let server = tls::config::server_config(id.bundle.clone(), svid.clone())?;
         let client = ClientIdentity::new(spiffe, svid, id.bundle.clone()).for_workload(workload);
         let client = Arc::new(client);

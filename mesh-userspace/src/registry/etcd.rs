@@ -331,7 +331,7 @@ impl Source {
     }
 }
 
-async fn connect(config: &EtcdConfig) -> Result<Client> {
+pub async fn connect(config: &EtcdConfig) -> Result<Client> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5))
