@@ -189,6 +189,7 @@ pub enum CaCommand {
         /// The directory holding the root (`ca init --dir`).
         #[arg(long)]
         dir: PathBuf,
+        /// The trust domain of the node's identity.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
         /// Lifetime, e.g. 8760h.
@@ -206,9 +207,10 @@ pub enum CaCommand {
         /// The CA service's address.
         #[arg(long)]
         ca: std::net::SocketAddrV4,
-        /// The node credential's certificate and key.
+        /// The node credential's certificate.
         #[arg(long)]
         cert: PathBuf,
+        /// The node credential's key.
         #[arg(long)]
         key: PathBuf,
         /// Roots the CA service's certificate must chain to.
@@ -225,6 +227,7 @@ pub struct CaServeArgs {
     /// The CA directory: root.crt and root.key (from `ca init`).
     #[arg(long)]
     dir: PathBuf,
+    /// The trust domain it signs for.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Where to listen.
