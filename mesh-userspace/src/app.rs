@@ -190,7 +190,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         _ = serve_cni(cni, &sockets) => Ok(()),
         _ = serve_hbone(hbone_listener.clone(), ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
-        _ = registry_source(&cfg, &ctx) => Ok(()),
+        _ = registry_source(&cfg, &ctx, state.view.get().and_then(|v| v.bundle.clone())) => Ok(()),
         _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
@@ -369,8 +369,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// Hands freed heap pages back to the kernel every [`TRIM_EVERY`]: after a burst (a flood of
 /// handshakes, thousands of connections) glibc would keep them, and the resident size would stay
 /// at its peak after the burst is over.
-/// The shared registry source (`registry.etcd`), when configured: runs for as long as meshd.
-async fn registry_source(cfg: &Validated, ctx: &Arc<Context>) {
+/// The shared registry source (`registry.etcd`), when configured: runs for as long as meshd,
+/// and keeps the trust bundle's roots to what it distributes.
+async fn registry_source(cfg: &Validated, ctx: &Arc<Context>, bundle: Option<Arc<TrustBundle>>) {
     let (Some(settings), Some(identity)) = (&cfg.etcd, &cfg.identity) else {
         return std::future::pending().await;
     };
@@ -399,7 +400,27 @@ async fn registry_source(cfg: &Validated, ctx: &Arc<Context>) {
         ctx.metrics.clone(),
         host,
     );
-    etcd::run(source).await
+    tokio::join!(etcd::run(source), follow_roots(&ctx.registry, bundle));
+}
+
+/// Applies the registry's trust bundle roots to the bundle every handshake verifies with.
+async fn follow_roots(registry: &Registry, bundle: Option<Arc<TrustBundle>>) {
+    let Some(bundle) = bundle else { return };
+    let mut changed = registry.watch_roots();
+    loop {
+        changed.borrow_and_update();
+        let roots = registry.roots();
+        let keys: Vec<&str> = roots.iter().map(|r| r.0.as_str()).collect();
+        match bundle.set_registry_roots(&roots) {
+            Ok(0) => tracing::info!("trust bundle: the registry holds no roots; the files apply"),
+            Ok(n) => tracing::info!(roots = n, ?keys, "trust bundle from the registry"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                "the registry's trust bundle is not usable; keeping the current one"),
+        }
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn trim_memory() {

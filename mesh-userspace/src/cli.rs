@@ -233,6 +233,10 @@ pub struct CaServeArgs {
     /// Where to listen.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: std::net::SocketAddr,
+    /// Roots node credentials must chain to (repeat for several; default: the CA's own root).
+    /// During a root rotation the new CA keeps trusting the credentials of the old root.
+    #[arg(long = "trust")]
+    trust: Vec<PathBuf>,
     /// The longest lifetime it signs, e.g. 24h.
     #[arg(long, default_value = "24h")]
     max_ttl: String,
@@ -318,7 +322,11 @@ impl CaServeArgs {
         Ok(crate::identity::ca_service::Settings {
             cert: root.clone(),
             key: self.dir.join(crate::identity::ca::ROOT_KEY),
-            bundle: vec![root],
+            bundle: if self.trust.is_empty() {
+                vec![root]
+            } else {
+                self.trust
+            },
             trust_domain: self.trust_domain,
             listen: self.listen,
             max_ttl: crate::config::mesh::parse_duration(&self.max_ttl)

@@ -9,9 +9,10 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use testhosts::{
-    etcd::Etcd,
-    handpods::{cni, cni_labelled, hand_pod, pods_config, route_pod_subnets, run_in_pod},
-    in_ci, meshd_bin, require_privileges, require_tools, sibling_binary, MeshCa, TestNet,
+    etcd::{Etcd, ROOT},
+    handpods::{cni, cni_labelled, hand_pod, pods_config, route_pod_subnets, run_in_pod, HandPod},
+    in_ci, meshd_bin, require_privileges, require_tools, sibling_binary, MeshCa, Meshd, Process,
+    TestNet,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -19,7 +20,7 @@ const CA: &str = "198.18.0.3:15012";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders-1";
 
-fn meshd(args: &[&str]) -> (bool, String) {
+fn meshd_cmd(args: &[&str]) -> (bool, String) {
     let out = Command::new(meshd_bin()).args(args).output().unwrap();
     let text = format!(
         "{}{}",
@@ -59,7 +60,7 @@ fn request(net: &TestNet, node: usize, dir: &Path, id: &str, cred: &str) -> Resu
 }
 
 /// The pods config for `node`, its identity coming from the CA service with its credential.
-fn config(net: &TestNet, ca: &MeshCa, etcd: &Etcd, node: usize) -> (String, String) {
+fn config(net: &TestNet, ca: &MeshCa, etcd: &Etcd, node: usize, ttl: &str) -> (String, String) {
     let (config, socket) = pods_config(net, ca, node, "");
     let d = ca.dir.display();
     let config = config
@@ -73,7 +74,7 @@ fn config(net: &TestNet, ca: &MeshCa, etcd: &Etcd, node: usize) -> (String, Stri
         )
         .replace(
             "  svid_ttl: 1h\n",
-            &format!("  svid_ttl: 1h\n  ca_service: {{address: {CA}}}\n"),
+            &format!("  svid_ttl: {ttl}\n  ca_service: {{address: {CA}}}\n"),
         );
     assert!(config.contains("ca_service"), "{config}");
     (
@@ -96,24 +97,22 @@ fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-#[test]
-fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
-    require_privileges!();
-    if let Err(e) = require_tools(&["etcd", "etcdctl", "openssl"]) {
-        assert!(!in_ci(), "the CA service test cannot run under CI: {e}");
-        eprintln!("skipping: {e}");
-        return;
-    }
-    let net = TestNet::new(3).unwrap();
-    let ca = MeshCa::new(&net).unwrap();
-    let dir = ca.dir.display().to_string();
-    for node in ["n0", "n1"] {
-        let (ok, out) = meshd(&["ca", "node-credential", node, "--dir", &dir]);
-        assert!(ok, "{out}");
-    }
-    route_pod_subnets(&net);
-    let mut etcd = Etcd::start(&net, 2).unwrap();
-    etcd.enable_auth(&net, &["n0", "n1", "meshd-ca"]).unwrap();
+/// Two meshd nodes holding node credentials only, etcd (auth on) and the CA service on node
+/// 2, pod `web` on node 0 and `orders-1` (echo on :7000) on node 1. Bind every field: one a
+/// pattern leaves out is dropped (a process killed) at once.
+struct Mesh {
+    net: TestNet,
+    ca: MeshCa,
+    etcd: Etcd,
+    service: Process,
+    meshd: Vec<Meshd>,
+    web: HandPod,
+    orders: HandPod,
+    _server: Process,
+}
+
+/// `meshd ca serve` on node 2 from `dir`, trusting `trust` for node credentials.
+fn start_service(net: &TestNet, etcd: &Etcd, dir: &str, trust: &str) -> Process {
     let bin = meshd_bin().display().to_string();
     let password = etcd.password_file("meshd-ca").display().to_string();
     let serve = [
@@ -121,7 +120,7 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
         "ca",
         "serve",
         "--dir",
-        &dir,
+        dir,
         "--listen",
         CA,
         "--etcd",
@@ -132,29 +131,86 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
         &password,
         "--max-ttl",
         "1h",
+        "--trust",
+        trust,
     ];
     let mut service = net.host_process(2, &serve).unwrap();
     service
         .expect_line_containing("CA service ready", WAIT)
         .unwrap();
+    service
+}
 
-    let (mut m0, mut m1, s0, s1);
-    {
-        let (c0, sock0) = config(&net, &ca, &etcd, 0);
-        let (c1, sock1) = config(&net, &ca, &etcd, 1);
-        m0 = net.start_meshd_with(0, "ebpf", &[], &c0).unwrap();
-        m1 = net.start_meshd_with(1, "ebpf", &[], &c1).unwrap();
-        (s0, s1) = (sock0, sock1);
+fn mesh(svid_ttl: &str) -> Mesh {
+    let net = TestNet::new(3).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    let dir = ca.dir.display().to_string();
+    for node in ["n0", "n1"] {
+        let (ok, out) = meshd_cmd(&["ca", "node-credential", node, "--dir", &dir]);
+        assert!(ok, "{out}");
+    }
+    route_pod_subnets(&net);
+    let mut etcd = Etcd::start(&net, 2).unwrap();
+    etcd.enable_auth(&net, &["n0", "n1", "meshd-ca"]).unwrap();
+    let service = start_service(&net, &etcd, &dir, &format!("{dir}/root.crt"));
+    let mut meshd = Vec::new();
+    let mut sockets = Vec::new();
+    for node in 0..2 {
+        let (config, socket) = config(&net, &ca, &etcd, node, svid_ttl);
+        meshd.push(net.start_meshd_with(node, "ebpf", &[], &config).unwrap());
+        sockets.push(socket);
     }
     let web = hand_pod(&net, 0, 0);
-    let (ok, out) = cni("ADD", &web, "web", &s0);
+    let (ok, out) = cni("ADD", &web, "web", &sockets[0]);
     assert!(ok, "ADD web: {out}");
     let orders = hand_pod(&net, 1, 0);
-    let (ok, out) = cni_labelled("ADD", &orders, "orders-1", "app:orders", &s1);
+    let (ok, out) = cni_labelled("ADD", &orders, "orders-1", "app:orders", &sockets[1]);
     assert!(ok, "ADD orders-1: {out}");
     let tool = sibling_binary("testhosts-tool").display().to_string();
     let mut server = run_in_pod(&orders, &[&tool, "echo-server", "0.0.0.0:7000"]);
     server.expect_line("ready", WAIT).unwrap();
+    // The pods are served once their SVIDs are signed (until then they fail closed).
+    for m in &mut meshd {
+        wait_log(m, "pod identity known; serving it", 1);
+    }
+    Mesh {
+        net,
+        ca,
+        etcd,
+        service,
+        meshd,
+        web,
+        orders,
+        _server: server,
+    }
+}
+
+fn tools_or_skip() -> bool {
+    if let Err(e) = require_tools(&["etcd", "etcdctl", "openssl"]) {
+        assert!(!in_ci(), "the CA service test cannot run under CI: {e}");
+        eprintln!("skipping: {e}");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
+    require_privileges!();
+    if !tools_or_skip() {
+        return;
+    }
+    let Mesh {
+        net,
+        ca,
+        mut service,
+        mut meshd,
+        web,
+        orders,
+        etcd: _etcd,
+        _server,
+    } = mesh("1h");
+    let tool = sibling_binary("testhosts-tool").display().to_string();
 
     // Pod to pod with SVIDs the CA service signed for each node.
     let target = format!("{}:7000", orders.ip);
@@ -164,12 +220,14 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
     );
     let (status, out) = client.wait_output(WAIT).unwrap();
     assert!(status.success(), "web -> orders-1: {out}");
-    let line = &m0.wait_access(&["direction=outbound", &target], 1).unwrap()[0];
+    let line = &meshd[0]
+        .wait_access(&["direction=outbound", &target], 1)
+        .unwrap()[0];
     assert!(
         line.contains(&format!("peer={ORDERS}")) && line.contains("server_check=verified"),
         "{line}"
     );
-    let line = &m1
+    let line = &meshd[1]
         .wait_access(&["direction=inbound", "transport=hbone"], 1)
         .unwrap()[0];
     assert!(line.contains(&format!("peer={WEB}")), "{line}");
@@ -204,7 +262,99 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
     );
 
     credential_cannot_sign(&ca.dir);
-    drop((m0, m1));
+}
+
+/// A full root rotation under load, through the registry and the CA service: the new root
+/// added to the registry's bundle (every node trusts both), the CA service replaced by one
+/// signing from the new root (SVIDs of 4 s are re-signed within seconds), the old root
+/// removed from the bundle; not one request fails.
+#[test]
+fn a_root_rotation_through_the_registry_fails_no_request() {
+    require_privileges!();
+    if !tools_or_skip() {
+        return;
+    }
+    let Mesh {
+        net,
+        ca,
+        etcd,
+        service,
+        mut meshd,
+        web,
+        orders,
+        _server,
+    } = mesh("4s");
+    let new_ca = std::env::temp_dir().join(format!("{}-ca2", net.id()));
+    let new_dir = new_ca.display().to_string();
+    let (ok, out) = meshd_cmd(&["ca", "init", "--dir", &new_dir]);
+    assert!(ok, "{out}");
+    let root = |dir: &Path| std::fs::read_to_string(dir.join("root.crt")).unwrap();
+    let put = |key: &str, pem: &str| {
+        etcd.ctl(&net, Some(ROOT), &["put", "--", key, pem])
+            .unwrap()
+    };
+    put("/meshd/bundle/r1", &root(&ca.dir));
+    wait_roots(&mut meshd, 1);
+
+    let tool = sibling_binary("testhosts-tool").display().to_string();
+    let target = format!("{}:7000", orders.ip);
+    let mut load = run_in_pod(&web, &[&tool, "loop", &target, "30"]);
+    std::thread::sleep(Duration::from_secs(3));
+    put("/meshd/bundle/r2", &root(&new_ca));
+    wait_roots(&mut meshd, 2);
+    drop(service);
+    let old_root = format!("{}/root.crt", ca.dir.display());
+    let mut service = start_service(&net, &etcd, &new_dir, &old_root);
+    for id in [WEB, ORDERS] {
+        service.expect_line_containing(id, WAIT).unwrap();
+    }
+    // Every SVID in use (4 s) is now from the new root.
+    std::thread::sleep(Duration::from_secs(6));
+    etcd.ctl(&net, Some(ROOT), &["del", "/meshd/bundle/r1"])
+        .unwrap();
+    wait_roots(&mut meshd, 3);
+    let (status, out) = load.wait_output(Duration::from_secs(90)).unwrap();
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("loop ok"))
+        .unwrap_or_default();
+    println!("root rotation under load: {summary}");
+    assert!(status.success() && summary.ends_with("failed 0"), "{out}");
+    let dump = admin_dump(&net, 1);
+    let roots = dump["trust_bundle"]["roots"].as_array().unwrap().clone();
+    assert_eq!(roots.len(), 1, "only the new root is trusted: {roots:?}");
+    let _ = std::fs::remove_dir_all(&new_ca);
+}
+
+/// Waits until every meshd has logged `n` registry bundle updates.
+fn wait_roots(meshd: &mut [Meshd], n: usize) {
+    for m in meshd.iter_mut() {
+        wait_log(m, "trust bundle from the registry", n);
+    }
+}
+
+/// Waits until `m` has logged `n` lines containing `needle`.
+fn wait_log(m: &mut Meshd, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let lines = m.process.output_so_far();
+        let seen = lines.iter().filter(|l| l.contains(needle)).count();
+        if seen >= n {
+            return;
+        }
+        let now = std::time::Instant::now();
+        assert!(
+            now < deadline,
+            "{seen} of {n} {needle:?}:\n{}",
+            lines.join("\n")
+        );
+        let _ = m.process.next_line(Duration::from_millis(200));
+    }
+}
+
+fn admin_dump(net: &TestNet, node: usize) -> serde_json::Value {
+    let script = "import urllib.request as u;print(u.urlopen('http://127.0.0.1:15000/config_dump').read().decode())";
+    serde_json::from_str(&net.exec(node, &["python3", "-c", script]).unwrap()).unwrap()
 }
 
 /// openssl signs a leaf with the node credential and with the node intermediate: only the

@@ -165,6 +165,9 @@ impl Source {
     /// One connection's life: connect, lease, publish, list or resume, watch. Returns on the
     /// first error (the caller reconnects).
     async fn session(&mut self) -> Result<()> {
+        // Subscribed before the first publish, so a workload added meanwhile is published too.
+        let mut local = self.registry.watch_local();
+        local.borrow_and_update();
         let mut client = connect(&self.settings.config).await?;
         let lease = self.lease(&mut client).await?;
         let (mut keeper, mut keep_alive) = client.lease_keep_alive(lease).await?;
@@ -183,7 +186,6 @@ impl Source {
             lease,
             "registry: etcd connected and watching"
         );
-        let mut local = self.registry.watch_local();
         let mut tick = tokio::time::interval(self.settings.lease_ttl / 3);
         loop {
             tokio::select! {
@@ -271,15 +273,10 @@ impl Source {
         let response = client
             .get(self.key(""), Some(GetOptions::new().with_prefix()))
             .await?;
-        let (mut workloads, mut services) = (Vec::new(), Vec::new());
-        for kv in response.kvs() {
-            match self.parse(kv.key(), Some(kv.value()), kv.mod_revision()) {
-                Some(Change::Workload(key, Some((r, rev)))) => workloads.push((key, r, rev)),
-                Some(Change::Service(key, Some(r))) => services.push((key, r)),
-                _ => {}
-            }
-        }
-        self.registry.replace_shared(workloads, services);
+        let listed = (response.kvs().iter())
+            .filter_map(|kv| self.parse(kv.key(), Some(kv.value()), kv.mod_revision()))
+            .collect();
+        self.registry.replace_shared(listed);
         self.revision = response.header().map_or(0, |h| h.revision());
         self.count("listed");
         Ok(())
@@ -313,6 +310,10 @@ impl Source {
                 record::parse_service(v).map(|r| Change::Service(text.to_string(), Some(r)))
             }
             (["services", _, _], None) => Ok(Change::Service(text.to_string(), None)),
+            (["bundle", _], Some(v)) => {
+                record::parse_root(v).map(|pem| Change::Root(text.to_string(), Some(pem)))
+            }
+            (["bundle", _], None) => Ok(Change::Root(text.to_string(), None)),
             _ => return None,
         };
         result

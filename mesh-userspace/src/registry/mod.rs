@@ -30,6 +30,8 @@ use crate::identity::SpiffeId;
 struct Remote {
     workloads: HashMap<String, (WorkloadRecord, i64)>,
     services: HashMap<String, ServiceRecord>,
+    /// Trust bundle roots (PEM) by key.
+    roots: BTreeMap<String, String>,
 }
 
 /// The lookups built from [`Remote`] after each change (changes are rare, lookups are per
@@ -54,6 +56,8 @@ pub struct Registry {
     next: AtomicUsize,
     /// What is wrong with the shared source now (readiness detail), with when it began.
     trouble: RwLock<Option<(String, std::time::SystemTime)>>,
+    /// Bumped whenever the shared trust bundle roots change.
+    roots_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -66,6 +70,7 @@ impl Registry {
             index: RwLock::default(),
             next: AtomicUsize::new(0),
             trouble: RwLock::default(),
+            roots_changed: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -135,23 +140,20 @@ impl Registry {
     }
 
     /// Replaces everything the shared source said (a full listing).
-    pub fn replace_shared(
-        &self,
-        workloads: Vec<(String, WorkloadRecord, i64)>,
-        services: Vec<(String, ServiceRecord)>,
-    ) {
-        let mut remote = write(&self.remote);
-        remote.workloads = workloads
-            .into_iter()
-            .map(|(k, r, rev)| (k, (r, rev)))
-            .collect();
-        remote.services = services.into_iter().collect();
-        self.reindex(&remote);
+    pub fn replace_shared(&self, changes: Vec<Change>) {
+        let roots = std::mem::take(&mut write(&self.remote).roots);
+        *write(&self.remote) = Remote::default();
+        self.apply_shared(changes);
+        if read(&self.remote).roots != roots {
+            self.roots_changed.send_modify(|v| *v += 1);
+        }
     }
 
     /// Applies a batch of changes from the shared source.
     pub fn apply_shared(&self, changes: Vec<Change>) {
         let mut remote = write(&self.remote);
+        let roots_before = remote.roots.len();
+        let mut roots_touched = false;
         for change in changes {
             match change {
                 Change::Workload(key, Some((record, rev))) => {
@@ -166,9 +168,33 @@ impl Registry {
                 Change::Service(key, None) => {
                     remote.services.remove(&key);
                 }
+                Change::Root(key, pem) => {
+                    roots_touched = true;
+                    match pem {
+                        Some(pem) => remote.roots.insert(key, pem),
+                        None => remote.roots.remove(&key),
+                    };
+                }
             }
         }
         self.reindex(&remote);
+        if roots_touched || remote.roots.len() != roots_before {
+            self.roots_changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// The trust bundle roots the shared source holds (key, PEM).
+    pub fn roots(&self) -> Vec<(String, String)> {
+        let remote = read(&self.remote);
+        remote
+            .roots
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn watch_roots(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.roots_changed.subscribe()
     }
 
     /// How many workloads and Services the shared source holds now.
@@ -256,6 +282,8 @@ impl Registry {
 pub enum Change {
     Workload(String, Option<(WorkloadRecord, i64)>),
     Service(String, Option<ServiceRecord>),
+    /// A trust bundle root (PEM).
+    Root(String, Option<String>),
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

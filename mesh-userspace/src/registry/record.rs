@@ -110,6 +110,8 @@ pub enum Rejected {
     BadService,
     #[error("the record's node is not the node its key is under")]
     WrongNode,
+    #[error("not a PEM certificate that can be a root")]
+    BadRoot,
 }
 
 impl Rejected {
@@ -119,6 +121,7 @@ impl Rejected {
             Rejected::BadName => "rejected_bad_name",
             Rejected::BadService => "rejected_bad_service",
             Rejected::WrongNode => "rejected_wrong_node",
+            Rejected::BadRoot => "rejected_bad_root",
         }
     }
 }
@@ -146,6 +149,17 @@ pub fn parse_service(bytes: &[u8]) -> Result<ServiceRecord, Rejected> {
         return Err(Rejected::BadService);
     }
     Ok(record)
+}
+
+/// A trust bundle root: PEM holding certificates that can each be a trust anchor.
+pub fn parse_root(bytes: &[u8]) -> Result<String, Rejected> {
+    let pem = std::str::from_utf8(bytes).map_err(|_| Rejected::BadRoot)?;
+    let certs = crate::tls::certs_from_pem(pem).map_err(|_| Rejected::BadRoot)?;
+    let usable = (certs.iter()).all(|c| webpki::anchor_from_trusted_cert(c).is_ok());
+    if certs.is_empty() || !usable {
+        return Err(Rejected::BadRoot);
+    }
+    Ok(pem.to_string())
 }
 
 /// A DNS subdomain as Kubernetes names objects: lower-case alphanumerics, '-' and '.', starting

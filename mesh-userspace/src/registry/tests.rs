@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::registry::record::{parse_service, parse_workload, Rejected, ServicePort};
+use crate::registry::record::{parse_root, parse_service, parse_workload, Rejected, ServicePort};
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("td", "shop", sa).unwrap()
@@ -20,6 +20,20 @@ fn workload(name: &str, node: &str, ip: [u8; 4], labels: &[(&str, &str)]) -> Wor
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     }
+}
+
+/// A full listing of `workloads` (key, record, revision) and `services`.
+fn listing(
+    workloads: Vec<(String, WorkloadRecord, i64)>,
+    services: Vec<(String, ServiceRecord)>,
+) -> Vec<Change> {
+    let w = workloads
+        .into_iter()
+        .map(|(k, r, rev)| Change::Workload(k, Some((r, rev))));
+    let s = services
+        .into_iter()
+        .map(|(k, r)| Change::Service(k, Some(r)));
+    w.chain(s).collect()
 }
 
 fn service(selector: &[(&str, &str)]) -> ServiceRecord {
@@ -45,7 +59,7 @@ fn local_pods_answer_before_the_shared_source_and_the_config() {
     let reg = Registry::new(HashMap::from([(ip, id("configured"))]));
     assert_eq!(reg.expected(dst), Some(id("configured")));
     let shared = workload("shared", "n1", [198, 19, 1, 2], &[]);
-    reg.replace_shared(vec![("k".into(), shared, 5)], vec![]);
+    reg.replace_shared(listing(vec![("k".into(), shared, 5)], vec![]));
     assert_eq!(reg.expected(dst), Some(id("shared")));
     reg.add_local(workload("local", "n0", [198, 19, 1, 2], &[]));
     assert_eq!(reg.expected(dst), Some(id("local")));
@@ -77,7 +91,10 @@ fn host_workloads_share_an_address_and_are_told_apart_by_port() {
     a.ports = vec![8080];
     let mut b = workload("b", "n1", [198, 18, 0, 2], &[]);
     b.ports = vec![9090];
-    reg.replace_shared(vec![("a".into(), a, 1), ("b".into(), b, 2)], vec![]);
+    reg.replace_shared(listing(
+        vec![("a".into(), a, 1), ("b".into(), b, 2)],
+        vec![],
+    ));
     let at = |port| reg.expected(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), port));
     assert_eq!(at(8080), Some(id("a")));
     assert_eq!(at(9090), Some(id("b")));
@@ -89,7 +106,10 @@ fn the_newest_registration_of_an_address_wins() {
     let reg = Registry::new(HashMap::new());
     let old = workload("old", "n1", [198, 19, 1, 2], &[]);
     let new = workload("new", "n2", [198, 19, 1, 2], &[]);
-    reg.replace_shared(vec![("x".into(), new, 9), ("y".into(), old, 3)], vec![]);
+    reg.replace_shared(listing(
+        vec![("x".into(), new, 9), ("y".into(), old, 3)],
+        vec![],
+    ));
     let dst = SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 2), 1);
     assert_eq!(reg.expected(dst), Some(id("new")));
     reg.apply_shared(vec![Change::Workload("x".into(), None)]);
@@ -114,10 +134,10 @@ fn a_service_resolves_to_the_selected_workloads_of_its_namespace_in_turn() {
         .iter()
         .enumerate()
         .map(|(i, w)| (i.to_string(), w.clone(), i as i64));
-    reg.replace_shared(
+    reg.replace_shared(listing(
         listed.collect(),
         vec![("s".into(), service(&[("app", "orders")]))],
-    );
+    ));
     let vip = SocketAddrV4::new(Ipv4Addr::new(198, 18, 100, 1), 80);
     assert!(reg.knows(*vip.ip()));
     assert_eq!(reg.service(SocketAddrV4::new(*vip.ip(), 81)), None);
@@ -173,4 +193,29 @@ fn trouble_is_reported_with_its_age_until_cleared() {
     assert!(reg.trouble().unwrap().starts_with("etcd unreachable (for "));
     reg.set_trouble(None);
     assert_eq!(reg.trouble(), None);
+}
+
+#[test]
+fn roots_from_the_shared_source_are_announced_when_they_change() {
+    let reg = Registry::new(HashMap::new());
+    let mut seen = reg.watch_roots();
+    seen.borrow_and_update();
+    reg.apply_shared(vec![Change::Root(
+        "/meshd/bundle/r2".into(),
+        Some("PEM".into()),
+    )]);
+    assert!(seen.has_changed().unwrap());
+    assert_eq!(
+        reg.roots(),
+        [("/meshd/bundle/r2".to_string(), "PEM".to_string())]
+    );
+    seen.borrow_and_update();
+    reg.replace_shared(vec![Change::Root(
+        "/meshd/bundle/r2".into(),
+        Some("PEM".into()),
+    )]);
+    reg.apply_shared(vec![Change::Root("/meshd/bundle/r2".into(), None)]);
+    assert!(seen.has_changed().unwrap());
+    assert!(reg.roots().is_empty());
+    assert_eq!(parse_root(b"not a certificate"), Err(Rejected::BadRoot));
 }

@@ -3,7 +3,11 @@
 //! IDs), and the leaf must carry exactly one URI SAN: a SPIFFE ID of our trust domain. DNS names
 //! play no part. Each failure has a reason of its own, which becomes a metric label.
 
-use std::{collections::HashSet, path::Path};
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{Arc, RwLock},
+};
 
 use anyhow::{Context, Result};
 use rustls_pki_types::{
@@ -96,11 +100,34 @@ impl RootSummary {
 
 pub struct TrustBundle {
     trust_domain: String,
-    anchors: Vec<TrustAnchor<'static>>,
-    roots: Vec<RootSummary>,
+    /// The roots of the configured files: the bootstrap.
+    files: Arc<Roots>,
+    /// The roots the registry distributes (`<prefix>/bundle/`): when it holds any, they are the
+    /// bundle, so a root added or removed there reaches every node without a restart.
+    registry: RwLock<Option<Arc<Roots>>>,
     crls: Vec<webpki::CertRevocationList<'static>>,
     denied_ids: HashSet<String>,
     denied_serials: HashSet<String>,
+}
+
+/// A set of trusted roots.
+#[derive(Default)]
+pub struct Roots {
+    anchors: Vec<TrustAnchor<'static>>,
+    summaries: Vec<RootSummary>,
+}
+
+impl Roots {
+    /// Every certificate of `pem` (several roots may share a file).
+    fn add_pem(&mut self, pem: &str, origin: &str) -> Result<()> {
+        for cert in super::certs_from_pem(pem).with_context(|| origin.to_string())? {
+            let anchor = webpki::anchor_from_trusted_cert(&cert)
+                .with_context(|| format!("{origin}: not a usable root"))?;
+            self.anchors.push(anchor.to_owned());
+            self.summaries.extend(RootSummary::of(&cert));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for TrustBundle {
@@ -109,7 +136,7 @@ impl std::fmt::Debug for TrustBundle {
             f,
             "TrustBundle({}, {} roots)",
             self.trust_domain,
-            self.anchors.len()
+            self.current().anchors.len()
         )
     }
 }
@@ -121,21 +148,15 @@ impl TrustBundle {
         root_files: &[impl AsRef<Path>],
         revocation: &Revocation,
     ) -> Result<Self> {
-        let mut anchors = Vec::new();
-        let mut roots = Vec::new();
+        let mut files = Roots::default();
         for file in root_files {
             let file = file.as_ref();
             let pem = std::fs::read_to_string(file)
                 .with_context(|| format!("read {}", file.display()))?;
-            for cert in super::certs_from_pem(&pem).with_context(|| file.display().to_string())? {
-                let anchor = webpki::anchor_from_trusted_cert(&cert)
-                    .with_context(|| format!("{}: not a usable root", file.display()))?;
-                anchors.push(anchor.to_owned());
-                roots.extend(RootSummary::of(&cert));
-            }
+            files.add_pem(&pem, &file.display().to_string())?;
         }
         anyhow::ensure!(
-            !anchors.is_empty(),
+            !files.anchors.is_empty(),
             "the trust bundle holds no root certificate"
         );
         let crls = revocation
@@ -145,8 +166,8 @@ impl TrustBundle {
             .collect::<Result<Vec<_>>>()?;
         Ok(TrustBundle {
             trust_domain: trust_domain.to_string(),
-            anchors,
-            roots,
+            files: Arc::new(files),
+            registry: RwLock::new(None),
             crls,
             denied_ids: revocation.spiffe_ids.iter().cloned().collect(),
             denied_serials: revocation
@@ -157,9 +178,27 @@ impl TrustBundle {
         })
     }
 
-    /// The roots, for display.
-    pub fn roots(&self) -> &[RootSummary] {
-        &self.roots
+    /// The roots in force, for display.
+    pub fn roots(&self) -> Vec<RootSummary> {
+        self.current().summaries.clone()
+    }
+
+    fn current(&self) -> Arc<Roots> {
+        let registry = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        registry.clone().unwrap_or_else(|| self.files.clone())
+    }
+
+    /// The roots the registry distributes (PEM, one entry per key); none: back to the files.
+    /// An entry that is not a usable root is an error and changes nothing.
+    pub fn set_registry_roots(&self, pems: &[(String, String)]) -> Result<usize> {
+        let mut roots = Roots::default();
+        for (key, pem) in pems {
+            roots.add_pem(pem, key)?;
+        }
+        let count = roots.anchors.len();
+        let new = (count > 0).then(|| Arc::new(roots));
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(count)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -183,9 +222,10 @@ impl TrustBundle {
                 .build()
         });
         let algs = super::provider().signature_verification_algorithms.all;
+        let roots = self.current();
         cert.verify_for_usage(
             algs,
-            &self.anchors,
+            &roots.anchors,
             intermediates,
             now,
             usage,
