@@ -354,3 +354,53 @@ fn dead_node_vanishes_with_its_lease(
         assert_eq!(endpoint_of(line), b3_endpoint, "{line}");
     }
 }
+
+/// The registry on an etcd cluster of three members over TLS: with any one member killed in
+/// turn, a pod added meanwhile still reaches the other node.
+#[test]
+fn a_three_member_etcd_cluster_over_tls_survives_the_loss_of_any_member() {
+    require_privileges!();
+    if let Err(e) = require_tools(&["etcd", "etcdctl", "openssl"]) {
+        assert!(
+            !in_ci(),
+            "the registry cluster test cannot run under CI: {e}"
+        );
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let net = TestNet::new(3).unwrap();
+    let ca = MeshCa::new(&net).unwrap();
+    route_pod_subnets(&net);
+    let mut etcd = Etcd::cluster(&net, 2, 3, true).unwrap();
+    etcd.enable_auth(&net, &["n0", "n1"]).unwrap();
+    let mut meshd = Vec::new();
+    let mut sockets = Vec::new();
+    for node in 0..2 {
+        let (config, socket) = pods_config(&net, &ca, node, "");
+        let config = format!("{config}{}", etcd.config(&format!("n{node}"), "5s"));
+        meshd.push(net.start_meshd_with(node, "ebpf", &[], &config).unwrap());
+        sockets.push(socket);
+    }
+    let web = hand_pod(&net, 0, 0);
+    let (ok, out) = cni("ADD", &web, "web", &sockets[0]);
+    assert!(ok, "ADD web: {out}");
+    let mut servers = Vec::new();
+    for member in 0..3 {
+        etcd.kill_member(member);
+        let name = format!("orders-{member}");
+        let (pod, server) = orders_pod(&net, 1, member, &name, &sockets[1]);
+        servers.push(server);
+        let ip = pod.ip.clone();
+        let what = format!("{name} with member {member} down");
+        wait_registry(&net, 0, &what, |shared, _| {
+            shared.iter().any(|s| s.starts_with(&format!("{ip} ")))
+        });
+        let (ok, out) = connect(&web, &format!("{ip}:7000"));
+        assert!(ok, "web -> {name} with member {member} down: {out}");
+        etcd.run(&net).unwrap();
+    }
+    let lines = meshd[0]
+        .wait_access(&["direction=outbound", "server_check=verified"], 3)
+        .unwrap();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+}

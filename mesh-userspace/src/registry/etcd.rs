@@ -10,7 +10,15 @@
 //! it last knew (`meshd_registry_connected 0`, readiness detail), reconnects with backoff and
 //! resumes the watch from the revision it had; only a compacted revision makes it list again.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use etcd_client::{
@@ -110,6 +118,7 @@ pub async fn run(source: Source) {
         match source.session().await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
+                next_member();
                 source.metrics.registry_connected("etcd", false);
                 let trouble = format!(
                     "etcd unreachable: serving from revision {}",
@@ -345,9 +354,36 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client> {
     if let Some(tls) = &config.tls {
         options = options.with_tls(tls_options(tls)?);
     }
-    Client::connect(&config.endpoints, Some(options))
-        .await
-        .context("connecting to etcd")
+    // One member at a time, starting after the last one that failed: a client balanced over
+    // all members keeps failing while the first one is down (tonic's balancer does not route
+    // around a member that refuses connections).
+    let n = config.endpoints.len();
+    let start = NEXT_MEMBER.load(Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..n {
+        let endpoint = &config.endpoints[(start + i) % n];
+        let attempt = async {
+            let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match attempt.await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                NEXT_MEMBER.store((start + i + 1) % n, Ordering::Relaxed);
+                last = Some(anyhow::Error::from(e).context(format!("etcd member {endpoint}")));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no etcd endpoint"))).context("connecting to etcd")
+}
+
+/// The member the next connection tries first.
+static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(0);
+
+/// After a session on a member ends in an error, the next connection starts with another.
+fn next_member() {
+    NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
 }
 
 fn tls_options(tls: &EtcdTls) -> Result<TlsOptions> {
