@@ -30,7 +30,7 @@ use crate::{
     metrics::Metrics,
     policy::reload::Live,
     proxy::{self, inbound, outbound, Context, Scope, Tunnels},
-    registry::{etcd, Registry, WorkloadRecord},
+    registry::{self, Registry},
     tls::{self, verify::TrustBundle},
     tunnel::{
         self,
@@ -98,6 +98,10 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     // Before anything is installed: a broken policy file stops start-up cleanly.
     let policy = Arc::new(Live::load(cfg.policies.clone()).context("authorization policy")?);
     metrics.policies.set(policy.current().len() as i64);
+    // Published before any SVID is asked for: the CA service signs only what the registry
+    // places on this node.
+    let registry = Arc::new(Registry::new(cfg.mesh.identities.clone()));
+    let _source = registry::etcd::spawn(&cfg, &registry, &metrics);
     let (tunnels, hbone_tls, pod_identity) = match &cfg.identity {
         Some(identity) => {
             let (tunnels, tls, pods) = start_identity(identity, &cfg, &metrics).await?;
@@ -140,7 +144,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         egress: cfg.mesh.egress,
         tunnels,
         local_addrs: Default::default(),
-        registry: Arc::new(Registry::new(cfg.mesh.identities.clone())),
+        registry,
         policy: policy.clone(),
         limits: proxy::limits::Limits::new(&cfg.limits),
         egress_policies: proxy::egress::EgressPolicies::new(&cfg.egress_policies)
@@ -190,7 +194,7 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         _ = serve_cni(cni, &sockets) => Ok(()),
         _ = serve_hbone(hbone_listener.clone(), ctx.clone(), hbone_tls) => Ok(()),
         _ = log_status(interception.as_ref()) => Ok(()),
-        _ = registry_source(&cfg, &ctx, state.view.get().and_then(|v| v.bundle.clone())) => Ok(()),
+        _ = registry::follow_roots(&ctx.registry, state.view.get().and_then(|v| v.bundle.clone())) => Ok(()),
         _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
         stop = stop_signal() => stop,
@@ -369,60 +373,6 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// Hands freed heap pages back to the kernel every [`TRIM_EVERY`]: after a burst (a flood of
 /// handshakes, thousands of connections) glibc would keep them, and the resident size would stay
 /// at its peak after the burst is over.
-/// The shared registry source (`registry.etcd`), when configured: runs for as long as meshd,
-/// and keeps the trust bundle's roots to what it distributes.
-async fn registry_source(cfg: &Validated, ctx: &Arc<Context>, bundle: Option<Arc<TrustBundle>>) {
-    let (Some(settings), Some(identity)) = (&cfg.etcd, &cfg.identity) else {
-        return std::future::pending().await;
-    };
-    let node = identity.node_id.service_account.clone();
-    let host = match settings.config.advertise_address {
-        Some(address) => (cfg.workloads.iter())
-            .filter_map(|w| {
-                let id = SpiffeId::new(&identity.trust_domain, &w.namespace, &w.service_account);
-                Some(WorkloadRecord {
-                    name: w.name.clone(),
-                    namespace: w.namespace.clone(),
-                    node: node.clone(),
-                    address,
-                    ports: w.ports.clone(),
-                    spiffe_id: id.ok()?,
-                    labels: w.labels.clone(),
-                })
-            })
-            .collect(),
-        None => Vec::new(),
-    };
-    let source = etcd::Source::new(
-        settings.clone(),
-        node,
-        ctx.registry.clone(),
-        ctx.metrics.clone(),
-        host,
-    );
-    tokio::join!(etcd::run(source), follow_roots(&ctx.registry, bundle));
-}
-
-/// Applies the registry's trust bundle roots to the bundle every handshake verifies with.
-async fn follow_roots(registry: &Registry, bundle: Option<Arc<TrustBundle>>) {
-    let Some(bundle) = bundle else { return };
-    let mut changed = registry.watch_roots();
-    loop {
-        changed.borrow_and_update();
-        let roots = registry.roots();
-        let keys: Vec<&str> = roots.iter().map(|r| r.0.as_str()).collect();
-        match bundle.set_registry_roots(&roots) {
-            Ok(0) => tracing::info!("trust bundle: the registry holds no roots; the files apply"),
-            Ok(n) => tracing::info!(roots = n, ?keys, "trust bundle from the registry"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"),
-                "the registry's trust bundle is not usable; keeping the current one"),
-        }
-        if changed.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 async fn trim_memory() {
     let mut tick = tokio::time::interval(TRIM_EVERY);
     loop {

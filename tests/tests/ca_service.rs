@@ -12,13 +12,17 @@ use testhosts::{
     etcd::{Etcd, ROOT},
     handpods::{cni, cni_labelled, hand_pod, pods_config, route_pod_subnets, run_in_pod, HandPod},
     in_ci, meshd_bin, require_privileges, require_tools, sibling_binary, MeshCa, Meshd, Process,
-    TestNet,
+    TestNet, WorkloadSpec,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 const CA: &str = "198.18.0.3:15012";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders-1";
+const CHECKOUT: WorkloadSpec = WorkloadSpec {
+    name: "checkout",
+    ports: &[],
+};
 
 fn meshd_cmd(args: &[&str]) -> (bool, String) {
     let out = Command::new(meshd_bin()).args(args).output().unwrap();
@@ -157,7 +161,16 @@ fn mesh(svid_ttl: &str) -> Mesh {
     let mut sockets = Vec::new();
     for node in 0..2 {
         let (config, socket) = config(&net, &ca, &etcd, node, svid_ttl);
-        meshd.push(net.start_meshd_with(node, "ebpf", &[], &config).unwrap());
+        // Node 0 also runs a host workload, registered at the node's address: its SVID too
+        // comes from the CA service, at start-up.
+        let (host, config) = match node {
+            0 => (
+                &[CHECKOUT][..],
+                format!("{config}    advertise_address: 198.18.0.1\n"),
+            ),
+            _ => (&[][..], config),
+        };
+        meshd.push(net.start_meshd_with(node, "ebpf", host, &config).unwrap());
         sockets.push(socket);
     }
     let web = hand_pod(&net, 0, 0);
@@ -236,6 +249,7 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
         ("n0", WEB),
         ("n1", ORDERS),
         ("n0", "spiffe://cluster.local/ns/meshd-system/sa/n0"),
+        ("n0", "spiffe://cluster.local/ns/default/sa/checkout"),
     ] {
         let signed = log.lines().any(|l| {
             l.contains("certificate signed")

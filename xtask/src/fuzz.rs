@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "http1_head",
     "http1_filter",
     "cert_identity",
+    "registry_record",
 ];
 
 /// Seconds per target within `cargo xtask test`.

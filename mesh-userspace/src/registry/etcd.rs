@@ -28,7 +28,11 @@ use etcd_client::{
 use serde::Deserialize;
 
 use super::{record, Change, Registry};
-use crate::{config::parse_duration, metrics::Metrics};
+use crate::{
+    config::{parse_duration, Validated},
+    identity::SpiffeId,
+    metrics::Metrics,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +111,52 @@ impl EtcdConfig {
             config: self,
             lease_ttl,
         })
+    }
+}
+
+/// Starts the etcd source when the config has one (`registry.etcd`): this node's host
+/// workloads (at `advertise_address`) and pods are published, the shared state mirrored. The
+/// task ends when the handle is dropped.
+pub fn spawn(
+    cfg: &Validated,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+) -> Option<AbortOnDrop> {
+    let (settings, identity) = (cfg.etcd.as_ref()?, cfg.identity.as_ref()?);
+    let node = identity.node_id.service_account.clone();
+    let host = match settings.config.advertise_address {
+        Some(address) => (cfg.workloads.iter())
+            .filter_map(|w| {
+                let id = SpiffeId::new(&identity.trust_domain, &w.namespace, &w.service_account);
+                Some(record::WorkloadRecord {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    node: node.clone(),
+                    address,
+                    ports: w.ports.clone(),
+                    spiffe_id: id.ok()?,
+                    labels: w.labels.clone(),
+                })
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let source = Source::new(
+        settings.clone(),
+        node,
+        registry.clone(),
+        metrics.clone(),
+        host,
+    );
+    Some(AbortOnDrop(tokio::spawn(run(source))))
+}
+
+/// A task that ends with its handle.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

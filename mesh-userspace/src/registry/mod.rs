@@ -286,6 +286,32 @@ pub enum Change {
     Root(String, Option<String>),
 }
 
+/// Applies the registry's trust bundle roots to the bundle every handshake verifies with: while
+/// the registry holds any, they are the roots; otherwise the configured files. Runs for ever.
+pub async fn follow_roots(
+    registry: &Registry,
+    bundle: Option<Arc<crate::tls::verify::TrustBundle>>,
+) {
+    let Some(bundle) = bundle else {
+        return std::future::pending().await;
+    };
+    let mut changed = registry.watch_roots();
+    loop {
+        changed.borrow_and_update();
+        let roots = registry.roots();
+        let keys: Vec<&str> = roots.iter().map(|r| r.0.as_str()).collect();
+        match bundle.set_registry_roots(&roots) {
+            Ok(0) => tracing::info!("trust bundle: the registry holds no roots; the files apply"),
+            Ok(n) => tracing::info!(roots = n, ?keys, "trust bundle from the registry"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                "the registry's trust bundle is not usable; keeping the current one"),
+        }
+        if changed.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|p| p.into_inner())
 }
