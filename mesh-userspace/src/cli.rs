@@ -196,6 +196,29 @@ pub enum CaCommand {
         #[arg(long, default_value = "8760h")]
         ttl: String,
     },
+    /// Import an existing CA into DIR: Istio's plug-in CA layout (--from a directory holding
+    /// ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) or --cert/--key/--root PEM
+    /// files. The CA service then signs with it, and meshes sharing the root trust meshd.
+    Import {
+        /// The CA directory to write (ca.crt, ca.key, root.crt; never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A directory in Istio's plug-in CA layout.
+        #[arg(long, conflicts_with_all = ["cert", "key", "root"])]
+        from: Option<PathBuf>,
+        /// The signing certificate (PEM; may be followed by its chain).
+        #[arg(long, requires_all = ["key", "root"])]
+        cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The root it chains to (PEM).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// The trust domain of the SPIFFE IDs it will sign.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
     /// Run the CA service: sign SVIDs for nodes (authenticated by their node credential) for
     /// the workloads the registry (etcd) places on them, and nothing else.
     Serve(CaServeArgs),
@@ -282,6 +305,34 @@ pub fn ca(command: CaCommand) -> Result<()> {
                 key.display()
             );
         }
+        CaCommand::Import {
+            dir,
+            from,
+            cert,
+            key,
+            root,
+            trust_domain,
+        } => {
+            use crate::identity::ca;
+            match (from, cert, key, root) {
+                (Some(from), ..) => ca::import(
+                    &dir,
+                    &from.join("ca-cert.pem"),
+                    &from.join("ca-key.pem"),
+                    &from.join("root-cert.pem"),
+                    Some(from.join("cert-chain.pem").as_path()).filter(|p| p.exists()),
+                    &trust_domain,
+                )?,
+                (None, Some(cert), Some(key), Some(root)) => {
+                    ca::import(&dir, &cert, &key, &root, None, &trust_domain)?
+                }
+                _ => bail!("give --from DIR, or --cert, --key and --root"),
+            }
+            println!(
+                "CA imported into {}: the CA service signs with it",
+                dir.display()
+            );
+        }
         CaCommand::Serve(args) => {
             runtime()?.block_on(crate::identity::ca_service::serve(args.settings()?))?
         }
@@ -319,9 +370,10 @@ impl CaServeArgs {
             .map_err(|e| anyhow::anyhow!("--etcd*: {e}"))?
             .config;
         let root = self.dir.join(crate::identity::ca::ROOT_CERT);
+        let (cert, key) = crate::identity::ca::signing_files(&self.dir);
         Ok(crate::identity::ca_service::Settings {
-            cert: root.clone(),
-            key: self.dir.join(crate::identity::ca::ROOT_KEY),
+            cert,
+            key,
             bundle: if self.trust.is_empty() {
                 vec![root]
             } else {

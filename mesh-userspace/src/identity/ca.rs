@@ -97,6 +97,98 @@ fn check_node_name(node: &str) -> Result<()> {
     Ok(())
 }
 
+/// The signing certificate and key of an imported CA (`meshd ca import`), in a CA directory.
+pub const IMPORTED_CERT: &str = "ca.crt";
+pub const IMPORTED_KEY: &str = "ca.key";
+
+/// What the CA service signs with in `dir`: an imported CA when there is one, else the root.
+pub fn signing_files(dir: &Path) -> (PathBuf, PathBuf) {
+    match dir.join(IMPORTED_CERT).exists() {
+        true => (dir.join(IMPORTED_CERT), dir.join(IMPORTED_KEY)),
+        false => (dir.join(ROOT_CERT), dir.join(ROOT_KEY)),
+    }
+}
+
+/// `meshd ca import`: an existing CA into `dir`, from Istio's plug-in CA layout (`ca-cert.pem`,
+/// `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`) or a PEM pair with its root. Written as
+/// `ca.crt` (the signing certificate, then the chain up to but without the root), `ca.key`
+/// (0600) and `root.crt`; checked first by signing a certificate and verifying it against the
+/// root. A mesh that shares the root (an Istio mesh, say) then trusts meshd's SVIDs.
+pub fn import(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    root: &Path,
+    chain: Option<&Path>,
+    trust_domain: &str,
+) -> Result<()> {
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    let roots = crate::tls::certs_from_pem(&read(root)?)?;
+    let mut certs = crate::tls::certs_from_pem(&read(cert)?)?;
+    if let Some(chain) = chain {
+        certs.extend(crate::tls::certs_from_pem(&read(chain)?)?);
+    }
+    let mut ordered: Vec<CertificateDer<'static>> = Vec::new();
+    for c in certs {
+        if !roots.contains(&c) && !ordered.contains(&c) {
+            ordered.push(c);
+        }
+    }
+    anyhow::ensure!(
+        !ordered.is_empty(),
+        "{}: no signing certificate",
+        cert.display()
+    );
+    std::fs::create_dir_all(dir)?;
+    let staged = dir.join(".import");
+    let _ = std::fs::remove_dir_all(&staged);
+    std::fs::create_dir_all(&staged)?;
+    let cert_pem: String = ordered.iter().map(crate::tls::pem_cert).collect();
+    let root_pem: String = roots.iter().map(crate::tls::pem_cert).collect();
+    write_new(&staged.join(IMPORTED_KEY), &read(key)?, 0o600)?;
+    write_new(&staged.join(IMPORTED_CERT), &cert_pem, 0o644)?;
+    write_new(&staged.join(ROOT_CERT), &root_pem, 0o644)?;
+    let checked = check_import(&staged, trust_domain);
+    if checked.is_ok() {
+        for name in [IMPORTED_KEY, IMPORTED_CERT, ROOT_CERT] {
+            if dir.join(name).exists() {
+                let _ = std::fs::remove_dir_all(&staged);
+                bail!(
+                    "{} exists: refusing to overwrite a CA",
+                    dir.join(name).display()
+                );
+            }
+        }
+        for name in [IMPORTED_KEY, IMPORTED_CERT, ROOT_CERT] {
+            std::fs::rename(staged.join(name), dir.join(name))?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&staged);
+    checked
+}
+
+/// An SVID signed by the staged CA must verify against the staged root.
+fn check_import(dir: &Path, trust_domain: &str) -> Result<()> {
+    let issuer = Issuer::load(&dir.join(IMPORTED_CERT), &dir.join(IMPORTED_KEY))
+        .context("the key does not belong to a CA certificate")?;
+    let id = super::SpiffeId::new(trust_domain, "meshd-system", "import-check")?;
+    let svid = super::svid::mint(&issuer, &id, Duration::from_secs(60))?;
+    let bundle = crate::tls::verify::TrustBundle::load(
+        trust_domain,
+        &[dir.join(ROOT_CERT)],
+        &Default::default(),
+    )?;
+    let chain = crate::tls::certs_from_pem(&svid.chain_pem)?;
+    let now = rustls_pki_types::UnixTime::now();
+    bundle
+        .verify(&chain[0], &chain[1..], now, webpki::KeyUsage::client_auth())
+        .map_err(|e| {
+            anyhow::anyhow!("a certificate signed by it does not verify against the root: {e}")
+        })?;
+    Ok(())
+}
+
 fn ca_params(common_name: &str, path_len: u8, ttl: Duration) -> Result<CertificateParams> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -147,6 +239,17 @@ pub struct Issuer {
     pub(crate) issuer: rcgen::Issuer<'static, KeyPair>,
     /// The issuer's own certificate, sent after the leaf in every chain it signs.
     pub cert: CertificateDer<'static>,
+    /// Certificates between the issuer and its root (an imported intermediate's chain), sent
+    /// after it: the rest of the issuer's certificate file.
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+impl Issuer {
+    /// PEM of what follows a leaf it signed: its certificate and its chain.
+    pub fn chain_pem(&self) -> String {
+        let all = std::iter::once(&self.cert).chain(&self.chain);
+        all.map(crate::tls::pem_cert).collect()
+    }
 }
 
 impl Issuer {
@@ -157,14 +260,18 @@ impl Issuer {
             .with_context(|| format!("read {}", key_path.display()))?;
         let key = KeyPair::from_pem(&key_pem)
             .with_context(|| format!("{}: not a PEM private key", key_path.display()))?;
-        let cert = crate::tls::certs_from_pem(&cert_pem)
+        let mut certs = crate::tls::certs_from_pem(&cert_pem)
             .with_context(|| format!("{}", cert_path.display()))?
-            .into_iter()
-            .next()
-            .with_context(|| format!("{}: no certificate", cert_path.display()))?;
+            .into_iter();
+        let cert =
+            (certs.next()).with_context(|| format!("{}: no certificate", cert_path.display()))?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key)
             .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
-        Ok(Issuer { issuer, cert })
+        Ok(Issuer {
+            issuer,
+            cert,
+            chain: certs.collect(),
+        })
     }
 }
 
@@ -199,5 +306,118 @@ mod tests {
         }
         assert!(crate::identity::svid::mint(&issuer, &id, hour).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Istio's plug-in CA layout with a chain of two intermediates: imported, the CA service's
+    /// signing files are the imported ones, an SVID carries both intermediates and verifies
+    /// against the root; a key of another CA is refused and leaves nothing behind.
+    #[test]
+    fn an_istio_plug_in_ca_is_imported_and_signs_verifiable_chains() {
+        let base = std::env::temp_dir().join(format!("meshd-ca-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let istio = base.join("istio");
+        std::fs::create_dir_all(&istio).unwrap();
+        let hour = Duration::from_secs(3600);
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let root = ca_params("istio root", 2, hour)
+            .unwrap()
+            .self_signed(&root_key)
+            .unwrap();
+        let root_issuer = rcgen::Issuer::from_ca_cert_der(root.der(), root_key).unwrap();
+        let mid_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mid = ca_params("istio mid", 1, hour)
+            .unwrap()
+            .signed_by(&mid_key, &root_issuer)
+            .unwrap();
+        let mid_issuer = rcgen::Issuer::from_ca_cert_der(mid.der(), mid_key).unwrap();
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let ca = ca_params("istio ca", 0, hour)
+            .unwrap()
+            .signed_by(&ca_key, &mid_issuer)
+            .unwrap();
+        let write = |name: &str, text: String| std::fs::write(istio.join(name), text).unwrap();
+        write("ca-cert.pem", ca.pem());
+        write("ca-key.pem", ca_key.serialize_pem());
+        write("root-cert.pem", root.pem());
+        write(
+            "cert-chain.pem",
+            format!("{}{}{}", ca.pem(), mid.pem(), root.pem()),
+        );
+        let f = |name: &str| istio.join(name);
+        let (cert, key, root_file, chain) = (
+            f("ca-cert.pem"),
+            f("ca-key.pem"),
+            f("root-cert.pem"),
+            f("cert-chain.pem"),
+        );
+
+        // A key that is not the certificate's: refused, nothing written.
+        let wrong = base.join("wrong.key");
+        std::fs::write(
+            &wrong,
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+                .unwrap()
+                .serialize_pem(),
+        )
+        .unwrap();
+        let target = base.join("meshd-ca");
+        assert!(import(
+            &target,
+            &cert,
+            &wrong,
+            &root_file,
+            Some(&chain),
+            "cluster.local"
+        )
+        .is_err());
+        assert!(!target.join(IMPORTED_CERT).exists() && !target.join(ROOT_CERT).exists());
+
+        import(
+            &target,
+            &cert,
+            &key,
+            &root_file,
+            Some(&chain),
+            "cluster.local",
+        )
+        .unwrap();
+        let (c, k) = signing_files(&target);
+        assert_eq!(c, target.join(IMPORTED_CERT));
+        let issuer = Issuer::load(&c, &k).unwrap();
+        assert_eq!(
+            issuer.chain.len(),
+            1,
+            "the middle intermediate, not the root"
+        );
+        let id = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let svid = crate::identity::svid::mint(&issuer, &id, hour).unwrap();
+        let sent = crate::tls::certs_from_pem(&svid.chain_pem).unwrap();
+        assert_eq!(sent.len(), 3, "leaf, the signing CA, the middle one");
+        let bundle = crate::tls::verify::TrustBundle::load(
+            "cluster.local",
+            &[target.join(ROOT_CERT)],
+            &Default::default(),
+        )
+        .unwrap();
+        let usage = webpki::KeyUsage::server_auth();
+        bundle
+            .verify(
+                &sent[0],
+                &sent[1..],
+                rustls_pki_types::UnixTime::now(),
+                usage,
+            )
+            .unwrap();
+        // Never over an existing CA.
+        assert!(import(
+            &target,
+            &cert,
+            &key,
+            &root_file,
+            Some(&chain),
+            "cluster.local"
+        )
+        .is_err());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -210,11 +210,7 @@ impl Service {
                 public_key: csr.public_key,
             };
             let cert = to_sign.signed_by(&self.issuer.issuer)?;
-            Ok(format!(
-                "{}{}",
-                cert.pem(),
-                crate::tls::pem_cert(&self.issuer.cert)
-            ))
+            Ok(format!("{}{}", cert.pem(), self.issuer.chain_pem()))
         })();
         let chain = signed.map_err(|e| Refusal(500, format!("{e:#}")))?;
         tracing::info!(node = %node, %id, ttl_secs = ttl.as_secs(), "certificate signed");

@@ -74,7 +74,7 @@ pub fn mint_valid(
 ) -> Result<Svid> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let cert = leaf_params(id, not_before, not_after)?.signed_by(&key, &issuer.issuer)?;
-    let chain_pem = format!("{}{}", cert.pem(), crate::tls::pem_cert(&issuer.cert));
+    let chain_pem = format!("{}{}", cert.pem(), issuer.chain_pem());
     from_chain(id, &chain_pem, &key)
 }
 
