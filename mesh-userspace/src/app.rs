@@ -51,7 +51,17 @@ fn listen(sockets: &Sockets, name: &str, ip: Ipv4Addr, port: u16) -> Result<Arc<
     })
 }
 
-pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<()> {
+/// How `meshd run` stops (command-line flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopping {
+    /// Open connections get this long to finish.
+    pub drain_timeout: Duration,
+    /// After a successor took over (and not asked to stop), wait for SIGTERM/SIGINT instead
+    /// of exiting (`--wait-after-handover`).
+    pub wait_after_handover: bool,
+}
+
+pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
     crate::inpod::netns::remember_home().context("open meshd's own network namespace")?;
     let state_dir = (cfg.pods.as_ref()).map_or(cfg.proxy.state_dir.clone(), |p| {
         p.settings.state_dir.clone()
@@ -188,6 +198,9 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
     tracing::info!(%mode, workloads = ?workloads, inbound_ports = ?cfg.inbound_ports(),
         took_over, "meshd ready");
 
+    // Registered once, before serving, so a signal that arrives while draining is not lost.
+    let mut signals = StopSignals::new()?;
+    let mut asked_to_stop = true;
     let served = tokio::select! {
         _ = proxy::accept_loop(outbound_listener.clone(), ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
         _ = proxy::accept_loop(inbound_listener.clone(), ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
@@ -197,28 +210,51 @@ pub async fn run(mode: Mode, cfg: Validated, drain_timeout: Duration) -> Result<
         _ = registry::follow_roots(&ctx.registry, state.view.get().and_then(|v| v.bundle.clone())) => Ok(()),
         _ = trim_memory() => Ok(()),
         watch = policy.clone().watch(metrics.clone()) => watch.context("watching the policy files"),
-        stop = stop_signal() => stop,
+        stop = signals.recv() => stop,
         _ = state.quit.notified() => {
             tracing::info!("shutting down: /quitquitquit");
             Ok(())
         }
-        _ = sockets.reached(Phase::Draining) => Ok(()),
+        _ = sockets.reached(Phase::Draining) => {
+            asked_to_stop = false;
+            Ok(())
+        }
     };
     // No new connection is accepted from here on; the listening sockets stay open (connections
     // queue on them) for a successor, which can still take them over while this one drains.
     sockets.enter(Phase::Draining);
     state.health.draining();
-    drain(&metrics, drain_timeout).await;
+    drain(&metrics, stopping.drain_timeout).await;
     tracing::info!(status = %interception.status(), "stopping");
     sockets.close();
-    match sockets.phase() {
-        Phase::HandedOver => tracing::info!("meshd stopped; the new meshd serves"),
-        _ => tracing::info!(
-            "meshd stopped; interception left in place: connections fail closed until the next \
-             meshd serves (`meshd cleanup` removes it)"
-        ),
-    }
+    let wait = stopping.wait_after_handover && !asked_to_stop;
+    stopped(sockets.phase(), wait, &mut signals).await?;
     served
+}
+
+/// Says how this meshd stopped; after a handover with `wait`, waits for SIGTERM/SIGINT: a
+/// supervisor that restarts an exited process (the kubelet, for a DaemonSet's pod) would
+/// otherwise start it again beside its successor, and take the sockets back.
+async fn stopped(phase: Phase, wait: bool, signals: &mut StopSignals) -> Result<()> {
+    match phase {
+        Phase::HandedOver if wait => {
+            tracing::info!(
+                "meshd stopped; the new meshd serves; waiting for SIGTERM (--wait-after-handover)"
+            );
+            signals.recv().await
+        }
+        Phase::HandedOver => {
+            tracing::info!("meshd stopped; the new meshd serves");
+            Ok(())
+        }
+        _ => {
+            tracing::info!(
+                "meshd stopped; interception left in place: connections fail closed until the \
+                 next meshd serves (`meshd cleanup` removes it)"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// The ports this meshd added to the namespace's reserved ports (recorded in a file): given
@@ -391,13 +427,27 @@ async fn log_status(interception: &dyn Interception) {
     }
 }
 
-async fn stop_signal() -> Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutting down");
-    Ok(())
+/// SIGTERM and SIGINT, registered once: one received while nothing waits is kept for the next
+/// `recv`.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> Result<()> {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        Ok(())
+    }
 }

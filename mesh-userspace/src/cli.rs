@@ -62,6 +62,12 @@ pub enum Command {
         /// meshd closes them and exits, e.g. 30s. Readiness is 503 meanwhile.
         #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
         drain_timeout: std::time::Duration,
+        /// After a successor took over (restart without a gap), wait for SIGTERM or SIGINT
+        /// instead of exiting, accepting nothing. For supervisors that restart a process that
+        /// exits, as the kubelet restarts a DaemonSet pod's container: restarted, the old meshd
+        /// would take the sockets back from its successor.
+        #[arg(long)]
+        wait_after_handover: bool,
     },
     /// Print what a running meshd is doing (mode, readiness, workloads, pods, policies,
     /// certificates), read from its admin API.
@@ -461,7 +467,7 @@ pub fn run(
     choice: ModeChoice,
     config: &std::path::Path,
     assume_missing: &[String],
-    drain_timeout: std::time::Duration,
+    stopping: crate::app::Stopping,
 ) -> Result<()> {
     if !crate::sys::is_root() {
         bail!("meshd run needs root (it attaches eBPF programs or installs iptables rules)");
@@ -482,7 +488,7 @@ pub fn run(
     runtime
         .enable_all()
         .build()?
-        .block_on(crate::app::run(mode, cfg, drain_timeout))
+        .block_on(crate::app::run(mode, cfg, stopping))
 }
 
 /// `meshd install-cni`: the plugin binary is the `meshd-cni` installed beside meshd.

@@ -34,7 +34,14 @@ fn main() -> std::process::ExitCode {
             mode,
             config,
             drain_timeout,
-        } => cli::run(mode, &config, &cli.assume_missing, drain_timeout),
+            wait_after_handover,
+        } => {
+            let stopping = meshd::app::Stopping {
+                drain_timeout,
+                wait_after_handover,
+            };
+            cli::run(mode, &config, &cli.assume_missing, stopping)
+        }
         Command::Status { admin } => meshd::admin::status::print(admin),
     };
     meshd::logbuf::flush();
