@@ -108,6 +108,7 @@ pub fn run() -> Result<()> {
     rust_components()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    kubernetes_validate()?;
     println!("xtask setup: everything is in place");
     Ok(())
 }
@@ -222,4 +223,29 @@ fn cargo_fuzz() -> Result<()> {
         CARGO_FUZZ_VERSION,
     ];
     cmd::run("cargo", &args).context("cargo install cargo-fuzz failed: is crates.io reachable?")
+}
+
+/// kubernetes-validate (PyPI) release the deploy test checks deploy/kubernetes with; it bundles
+/// Kubernetes' schemas (1.25 to 1.37), so validating needs no network and no API server.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// `kubernetes-validate` for tests/tests/deploy.rs (the manifests' schema check).
+fn kubernetes_validate() -> Result<()> {
+    if cmd::succeeds("kubernetes-validate", &["--version"]) {
+        println!("xtask setup: kubernetes-validate: present");
+        return Ok(());
+    }
+    println!("xtask setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION}: installing (pip)");
+    if !is_root() {
+        bail!("installing kubernetes-validate needs root: run `sudo cargo xtask setup`");
+    }
+    let spec = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+    cmd::run("pip", &["install", "--quiet", &spec])
+        .context("pip install kubernetes-validate failed: is PyPI reachable?")?;
+    // pyenv makes a command's shim when asked; harmless where there is no pyenv.
+    let _ = cmd::succeeds("pyenv", &["rehash"]);
+    if !cmd::succeeds("kubernetes-validate", &["--version"]) {
+        bail!("kubernetes-validate installed but not on PATH");
+    }
+    Ok(())
 }
