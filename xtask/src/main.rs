@@ -1,10 +1,11 @@
 //! `cargo xtask`: the project's own commands. `setup` installs what a fresh machine lacks,
 //! `build` compiles the eBPF programs and meshd, `test` runs every test (what CI runs), `demo`
 //! is the README's main job (`meshd doctor` and a two-node mesh on test hosts), `fuzz` runs the
-//! parsers of untrusted input under libFuzzer.
+//! parsers of untrusted input under libFuzzer, `image` packages meshd in a container image.
 
 mod cmd;
 mod fuzz;
+mod image;
 mod profile;
 mod setup;
 
@@ -25,6 +26,19 @@ enum Task {
     Setup,
     /// Build the eBPF object and meshd (release) with the object embedded.
     Build,
+    /// Build meshd as `build` does, then its container image `localhost/meshd:<version>`
+    /// (FROM scratch: meshd, meshd-cni and their shared libraries) with podman under a
+    /// configuration and storage of its own (--store); prints the image's size.
+    Image {
+        /// Package the meshd and meshd-cni already built in this directory instead of
+        /// building the release ones (the image test packages its own build this way).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// podman's configuration and storage for the image (containers.conf, root/,
+        /// runroot/); never the machine's.
+        #[arg(long, default_value = "target/podman")]
+        store: std::path::PathBuf,
+    },
     /// Set up, check formatting and lints, build, run every test (privileged ones too), then
     /// every fuzz target for 10 s and the benchmark's short mode.
     Test {
@@ -73,6 +87,16 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup::run(),
         Task::Build => build(),
+        Task::Image { bin_dir, store } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => {
+                    build()?;
+                    "target/release".into()
+                }
+            };
+            image::build(&image::Request { bin_dir, store }).map(|_| ())
+        }
         Task::Test { args } => test(&args),
         Task::Demo { mode } => demo(&mode),
         Task::Bench { short } => bench(short),
