@@ -318,27 +318,7 @@ pub fn ca(command: CaCommand) -> Result<()> {
             key,
             root,
             trust_domain,
-        } => {
-            use crate::identity::ca;
-            match (from, cert, key, root) {
-                (Some(from), ..) => ca::import(
-                    &dir,
-                    &from.join("ca-cert.pem"),
-                    &from.join("ca-key.pem"),
-                    &from.join("root-cert.pem"),
-                    Some(from.join("cert-chain.pem").as_path()).filter(|p| p.exists()),
-                    &trust_domain,
-                )?,
-                (None, Some(cert), Some(key), Some(root)) => {
-                    ca::import(&dir, &cert, &key, &root, None, &trust_domain)?
-                }
-                _ => bail!("give --from DIR, or --cert, --key and --root"),
-            }
-            println!(
-                "CA imported into {}: the CA service signs with it",
-                dir.display()
-            );
-        }
+        } => import_ca(&dir, from, cert.zip(key).zip(root), &trust_domain)?,
         CaCommand::Serve(args) => {
             runtime()?.block_on(crate::identity::ca_service::serve(args.settings()?))?
         }
@@ -351,6 +331,38 @@ pub fn ca(command: CaCommand) -> Result<()> {
             out,
         } => runtime()?.block_on(request_svid(&spiffe_id, ca, (&cert, &key), &bundle, &out))?,
     }
+    Ok(())
+}
+
+/// `meshd ca import`: from Istio's plug-in layout in `from`, or a (cert, key) pair and root.
+fn import_ca(
+    dir: &std::path::Path,
+    from: Option<PathBuf>,
+    files: Option<((PathBuf, PathBuf), PathBuf)>,
+    trust_domain: &str,
+) -> Result<()> {
+    use crate::identity::ca;
+    match (from, files) {
+        (Some(from), _) => {
+            let chain = from.join("cert-chain.pem");
+            let chain = Some(chain.as_path()).filter(|p| p.exists());
+            let file = |name: &str| from.join(name);
+            let (cert, key, root) = (
+                file("ca-cert.pem"),
+                file("ca-key.pem"),
+                file("root-cert.pem"),
+            );
+            ca::import(dir, &cert, &key, &root, chain, trust_domain)?
+        }
+        (None, Some(((cert, key), root))) => {
+            ca::import(dir, &cert, &key, &root, None, trust_domain)?
+        }
+        _ => bail!("give --from DIR, or --cert, --key and --root"),
+    }
+    println!(
+        "CA imported into {}: the CA service signs with it",
+        dir.display()
+    );
     Ok(())
 }
 

@@ -244,20 +244,7 @@ fn the_ca_service_signs_only_what_the_registry_places_on_the_asking_node() {
         .wait_access(&["direction=inbound", "transport=hbone"], 1)
         .unwrap()[0];
     assert!(line.contains(&format!("peer={WEB}")), "{line}");
-    let log = service.output_so_far().join("\n");
-    for (node, id) in [
-        ("n0", WEB),
-        ("n1", ORDERS),
-        ("n0", "spiffe://cluster.local/ns/meshd-system/sa/n0"),
-        ("n0", "spiffe://cluster.local/ns/default/sa/checkout"),
-    ] {
-        let signed = log.lines().any(|l| {
-            l.contains("certificate signed")
-                && l.contains(&format!("node={node}"))
-                && l.contains(id)
-        });
-        assert!(signed, "the CA service signed {id} for {node}:\n{log}");
-    }
+    assert_signed(&mut service);
 
     // Node 1 asks for web's identity, which the registry places on node 0: refused.
     let refused = request(&net, 1, &ca.dir, WEB, "n1-credential");
@@ -371,75 +358,48 @@ fn admin_dump(net: &TestNet, node: usize) -> serde_json::Value {
     serde_json::from_str(&net.exec(node, &["python3", "-c", script]).unwrap()).unwrap()
 }
 
+/// The CA service's log names each SVID it signed and for which node.
+fn assert_signed(service: &mut Process) {
+    let log = service.output_so_far().join("\n");
+    let node0 = "spiffe://cluster.local/ns/meshd-system/sa/n0";
+    let checkout = "spiffe://cluster.local/ns/default/sa/checkout";
+    for (node, id) in [("n0", WEB), ("n1", ORDERS), ("n0", node0), ("n0", checkout)] {
+        let signed = (log.lines()).any(|l| {
+            l.contains("certificate signed")
+                && l.contains(&format!("node={node}"))
+                && l.contains(id)
+        });
+        assert!(signed, "the CA service signed {id} for {node}:\n{log}");
+    }
+}
+
 /// openssl signs a leaf with the node credential and with the node intermediate: only the
 /// second verifies against the root.
 fn credential_cannot_sign(dir: &Path) {
     std::fs::write(dir.join("san.ext"), format!("subjectAltName=URI:{WEB}\n")).unwrap();
-    let (ok, out) = openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "forged.key",
-            "-subj",
-            "/CN=forged",
-            "-out",
-            "forged.csr",
-        ],
+    // Arguments without spaces: one string, split.
+    let run = |args: &str| openssl(dir, &args.split_whitespace().collect::<Vec<_>>());
+    let (ok, out) = run(
+        "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                         -keyout forged.key -subj /CN=forged -out forged.csr",
     );
     assert!(ok, "{out}");
-    for (signer, out_file) in [
+    for (signer, signed) in [
         ("n1-credential", "by-credential.crt"),
         ("n1", "by-intermediate.crt"),
     ] {
-        let (ca_cert, ca_key) = (format!("{signer}.crt"), format!("{signer}.key"));
-        let (ok, out) = openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "forged.csr",
-                "-CA",
-                &ca_cert,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                "san.ext",
-                "-out",
-                out_file,
-            ],
-        );
+        let (ok, out) = run(&format!(
+            "x509 -req -in forged.csr -CA {signer}.crt -CAkey {signer}.key -CAcreateserial \
+             -days 1 -extfile san.ext -out {signed}"
+        ));
         assert!(ok, "openssl x509 -req with {signer}: {out}");
     }
-    let verify = |untrusted: &str, leaf: &str| {
-        openssl(
-            dir,
-            &[
-                "verify",
-                "-CAfile",
-                "root.crt",
-                "-untrusted",
-                untrusted,
-                leaf,
-            ],
-        )
-    };
-    let (ok, out) = verify("n1-credential.crt", "by-credential.crt");
+    let (ok, out) = run("verify -CAfile root.crt -untrusted n1-credential.crt by-credential.crt");
     assert!(
         !ok,
         "a certificate signed with a node credential verified: {out}"
     );
-    let (ok, out) = verify("n1.crt", "by-intermediate.crt");
+    let (ok, out) = run("verify -CAfile root.crt -untrusted n1.crt by-intermediate.crt");
     assert!(
         ok,
         "control: a certificate signed by a node intermediate verifies: {out}"

@@ -106,6 +106,27 @@ fn orders_pod(
     (pod, server)
 }
 
+/// meshd on nodes 0..n serving pods, registered in `etcd` with a lease of `lease`; their CNI
+/// sockets.
+fn start_nodes(
+    net: &TestNet,
+    ca: &MeshCa,
+    etcd: &Etcd,
+    n: usize,
+    mode: &str,
+    lease: &str,
+) -> (Vec<Meshd>, Vec<String>) {
+    let mut meshd = Vec::new();
+    let mut sockets = Vec::new();
+    for node in 0..n {
+        let (config, socket) = pods_config(net, ca, node, "");
+        let config = format!("{config}{}", etcd.config(&format!("n{node}"), lease));
+        meshd.push(net.start_meshd_with(node, mode, &[], &config).unwrap());
+        sockets.push(socket);
+    }
+    (meshd, sockets)
+}
+
 fn endpoint_of(line: &str) -> &str {
     let at = line.find("endpoint=").expect("endpoint field") + "endpoint=".len();
     line[at..].split_whitespace().next().unwrap()
@@ -138,28 +159,14 @@ fn three_nodes_and_etcd(mode: &str) {
     )
     .unwrap();
     // A node's user writes only below its own part.
-    let n1 = etcd.user("n1");
-    let forged = etcd.ctl(
-        &net,
-        Some(&n1),
-        &["put", "/meshd/nodes/n2/workloads/shop/x", "{}"],
-    );
-    let refused = forged.as_ref().map_err(|e| format!("{e:#}"));
-    assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.contains("permission denied")),
-        "{refused:?}"
-    );
+    let forged = ["put", "/meshd/nodes/n2/workloads/shop/x", "{}"];
+    let refused = etcd.ctl(&net, Some(&etcd.user("n1")), &forged);
+    let why = refused
+        .map_err(|e| format!("{e:#}"))
+        .expect_err("n1 wrote n2's part");
+    assert!(why.contains("permission denied"), "{why}");
 
-    let mut meshd: Vec<Meshd> = Vec::new();
-    let mut sockets = Vec::new();
-    for node in 0..3 {
-        let (config, socket) = pods_config(&net, &ca, node, "");
-        let config = format!("{config}{}", etcd.config(&format!("n{node}"), "3s"));
-        meshd.push(net.start_meshd_with(node, mode, &[], &config).unwrap());
-        sockets.push(socket);
-    }
+    let (mut meshd, sockets) = start_nodes(&net, &ca, &etcd, 3, mode, "3s");
     let web = hand_pod(&net, 0, 0);
     let (ok, out) = cni("ADD", &web, "web", &sockets[0]);
     assert!(ok, "ADD web: {out}");
@@ -373,14 +380,7 @@ fn a_three_member_etcd_cluster_over_tls_survives_the_loss_of_any_member() {
     route_pod_subnets(&net);
     let mut etcd = Etcd::cluster(&net, 2, 3, true).unwrap();
     etcd.enable_auth(&net, &["n0", "n1"]).unwrap();
-    let mut meshd = Vec::new();
-    let mut sockets = Vec::new();
-    for node in 0..2 {
-        let (config, socket) = pods_config(&net, &ca, node, "");
-        let config = format!("{config}{}", etcd.config(&format!("n{node}"), "5s"));
-        meshd.push(net.start_meshd_with(node, "ebpf", &[], &config).unwrap());
-        sockets.push(socket);
-    }
+    let (mut meshd, sockets) = start_nodes(&net, &ca, &etcd, 2, "ebpf", "5s");
     let web = hand_pod(&net, 0, 0);
     let (ok, out) = cni("ADD", &web, "web", &sockets[0]);
     assert!(ok, "ADD web: {out}");

@@ -86,6 +86,24 @@ pub struct RegistryConfig {
     pub etcd: Option<crate::registry::etcd::EtcdConfig>,
 }
 
+impl RegistryConfig {
+    fn validate(
+        self,
+        has_identity: bool,
+    ) -> Result<Option<crate::registry::etcd::EtcdSettings>, ConfigError> {
+        let Some(etcd) = self.etcd else {
+            return Ok(None);
+        };
+        if !has_identity {
+            let why = "needs an identity section (the node name it registers under)";
+            return Err(err("registry.etcd", why));
+        }
+        etcd.validate()
+            .map(Some)
+            .map_err(|r| err("registry.etcd", r))
+    }
+}
+
 /// How meshd serves pods (each in its own network namespace).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -340,15 +358,7 @@ impl Config {
         for w in &mut workloads {
             w.party = crate::metrics::istio::Party::of(w, trust_domain);
         }
-        let etcd = (self.registry.etcd)
-            .map(|e| e.validate().map_err(|r| err("registry.etcd", r)))
-            .transpose()?;
-        if identity.is_none() && etcd.is_some() {
-            return Err(err(
-                "registry.etcd",
-                "needs an identity section (the node name it registers under)",
-            ));
-        }
+        let etcd = self.registry.validate(identity.is_some())?;
         if identity.is_none() && !mesh.networks.is_empty() {
             return Err(err(
                 "mesh.networks",

@@ -308,6 +308,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Istio's plug-in CA layout in `dir`: root -> mid -> ca (the signing CA).
+    fn istio_layout(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let hour = Duration::from_secs(3600);
+        let key = || KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let (root_key, mid_key, ca_key) = (key(), key(), key());
+        let root = ca_params("istio root", 2, hour).unwrap();
+        let root = root.self_signed(&root_key).unwrap();
+        let root_issuer = rcgen::Issuer::from_ca_cert_der(root.der(), root_key).unwrap();
+        let mid = ca_params("istio mid", 1, hour).unwrap();
+        let mid = mid.signed_by(&mid_key, &root_issuer).unwrap();
+        let mid_issuer = rcgen::Issuer::from_ca_cert_der(mid.der(), mid_key).unwrap();
+        let ca = ca_params("istio ca", 0, hour).unwrap();
+        let ca = ca.signed_by(&ca_key, &mid_issuer).unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+        write("ca-cert.pem", ca.pem());
+        write("ca-key.pem", ca_key.serialize_pem());
+        write("root-cert.pem", root.pem());
+        let chain = format!("{}{}{}", ca.pem(), mid.pem(), root.pem());
+        write("cert-chain.pem", chain);
+    }
+
     /// Istio's plug-in CA layout with a chain of two intermediates: imported, the CA service's
     /// signing files are the imported ones, an SVID carries both intermediates and verifies
     /// against the root; a key of another CA is refused and leaves nothing behind.
@@ -316,33 +338,8 @@ mod tests {
         let base = std::env::temp_dir().join(format!("meshd-ca-import-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let istio = base.join("istio");
-        std::fs::create_dir_all(&istio).unwrap();
+        istio_layout(&istio);
         let hour = Duration::from_secs(3600);
-        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let root = ca_params("istio root", 2, hour)
-            .unwrap()
-            .self_signed(&root_key)
-            .unwrap();
-        let root_issuer = rcgen::Issuer::from_ca_cert_der(root.der(), root_key).unwrap();
-        let mid_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mid = ca_params("istio mid", 1, hour)
-            .unwrap()
-            .signed_by(&mid_key, &root_issuer)
-            .unwrap();
-        let mid_issuer = rcgen::Issuer::from_ca_cert_der(mid.der(), mid_key).unwrap();
-        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let ca = ca_params("istio ca", 0, hour)
-            .unwrap()
-            .signed_by(&ca_key, &mid_issuer)
-            .unwrap();
-        let write = |name: &str, text: String| std::fs::write(istio.join(name), text).unwrap();
-        write("ca-cert.pem", ca.pem());
-        write("ca-key.pem", ca_key.serialize_pem());
-        write("root-cert.pem", root.pem());
-        write(
-            "cert-chain.pem",
-            format!("{}{}{}", ca.pem(), mid.pem(), root.pem()),
-        );
         let f = |name: &str| istio.join(name);
         let (cert, key, root_file, chain) = (
             f("ca-cert.pem"),
@@ -353,13 +350,8 @@ mod tests {
 
         // A key that is not the certificate's: refused, nothing written.
         let wrong = base.join("wrong.key");
-        std::fs::write(
-            &wrong,
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-                .unwrap()
-                .serialize_pem(),
-        )
-        .unwrap();
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&wrong, other.serialize_pem()).unwrap();
         let target = base.join("meshd-ca");
         assert!(import(
             &target,

@@ -78,15 +78,8 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         reset(&app);
         return;
     };
-    // A Service address: one of its endpoints, in turn; one that cannot be reached or does
-    // not prove its identity is skipped (nothing of the application's has been sent yet).
     let service = ctx.registry.service(origin.dst);
-    let candidates: Vec<(SocketAddrV4, Option<SpiffeId>)> = match &service {
-        Some(s) => (ctx.registry.endpoints_in_turn(s).into_iter())
-            .map(|e| (e.addr, Some(e.spiffe_id)))
-            .collect(),
-        None => vec![(origin.dst, ctx.registry.expected(origin.dst))],
-    };
+    let candidates = candidates(ctx, origin.dst, service.as_deref());
     let (opened, (target, expected)) = open_first(pool, client, &candidates).await;
     let source = (origin.workload.as_deref()).map_or_else(Party::unknown, |w| w.party.clone());
     let destination = expected
@@ -130,6 +123,22 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         reset(&app);
     }
     access.finish(ctx, result);
+}
+
+/// Where a connection to `dst` may go, in order, with the identity each must prove: a Service
+/// address's endpoints in turn (one that cannot be reached or does not prove its identity is
+/// skipped: nothing of the application's has been sent yet), else `dst` itself.
+fn candidates(
+    ctx: &Context,
+    dst: SocketAddrV4,
+    service: Option<&crate::registry::ServiceTarget>,
+) -> Vec<(SocketAddrV4, Option<SpiffeId>)> {
+    match service {
+        Some(s) => (ctx.registry.endpoints_in_turn(s).into_iter())
+            .map(|e| (e.addr, Some(e.spiffe_id)))
+            .collect(),
+        None => vec![(dst, ctx.registry.expected(dst))],
+    }
 }
 
 /// Opens a stream to the first of `candidates` that answers as expected; with none, the error
