@@ -275,45 +275,36 @@ fn a_root_rotation_through_the_registry_fails_no_request() {
     if !tools_or_skip() {
         return;
     }
-    let Mesh {
-        net,
-        ca,
-        etcd,
-        service,
-        mut meshd,
-        web,
-        orders,
-        _server,
-    } = mesh("4s");
+    let mut m = mesh("4s");
+    let (net, etcd) = (&m.net, &m.etcd);
     let new_ca = std::env::temp_dir().join(format!("{}-ca2", net.id()));
     let new_dir = new_ca.display().to_string();
     let (ok, out) = meshd_cmd(&["ca", "init", "--dir", &new_dir]);
     assert!(ok, "{out}");
     let root = |dir: &Path| std::fs::read_to_string(dir.join("root.crt")).unwrap();
-    let put = |key: &str, pem: &str| {
-        etcd.ctl(&net, Some(ROOT), &["put", "--", key, pem])
-            .unwrap()
-    };
-    put("/meshd/bundle/r1", &root(&ca.dir));
-    wait_roots(&mut meshd, 1);
+    let put = |key: &str, pem: &str| etcd.ctl(net, Some(ROOT), &["put", "--", key, pem]).unwrap();
+    put("/meshd/bundle/r1", &root(&m.ca.dir));
+    wait_roots(&mut m.meshd, 1);
 
     let tool = sibling_binary("testhosts-tool").display().to_string();
-    let target = format!("{}:7000", orders.ip);
-    let mut load = run_in_pod(&web, &[&tool, "loop", &target, "30"]);
+    let target = format!("{}:7000", m.orders.ip);
+    let mut load = run_in_pod(&m.web, &[&tool, "loop", &target, "30"]);
     std::thread::sleep(Duration::from_secs(3));
     put("/meshd/bundle/r2", &root(&new_ca));
-    wait_roots(&mut meshd, 2);
-    drop(service);
-    let old_root = format!("{}/root.crt", ca.dir.display());
-    let mut service = start_service(&net, &etcd, &new_dir, &old_root);
+    wait_roots(&mut m.meshd, 2);
+    let old_root = format!("{}/root.crt", m.ca.dir.display());
+    // The old CA service stops before the new one takes its address.
+    m.service.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = m.service.wait_output(WAIT);
+    m.service = start_service(net, etcd, &new_dir, &old_root);
     for id in [WEB, ORDERS] {
-        service.expect_line_containing(id, WAIT).unwrap();
+        m.service.expect_line_containing(id, WAIT).unwrap();
     }
     // Every SVID in use (4 s) is now from the new root.
     std::thread::sleep(Duration::from_secs(6));
-    etcd.ctl(&net, Some(ROOT), &["del", "/meshd/bundle/r1"])
+    etcd.ctl(net, Some(ROOT), &["del", "/meshd/bundle/r1"])
         .unwrap();
-    wait_roots(&mut meshd, 3);
+    wait_roots(&mut m.meshd, 3);
     let (status, out) = load.wait_output(Duration::from_secs(90)).unwrap();
     let summary = out
         .lines()
@@ -321,7 +312,7 @@ fn a_root_rotation_through_the_registry_fails_no_request() {
         .unwrap_or_default();
     println!("root rotation under load: {summary}");
     assert!(status.success() && summary.ends_with("failed 0"), "{out}");
-    let dump = admin_dump(&net, 1);
+    let dump = admin_dump(net, 1);
     let roots = dump["trust_bundle"]["roots"].as_array().unwrap().clone();
     assert_eq!(roots.len(), 1, "only the new root is trusted: {roots:?}");
     let _ = std::fs::remove_dir_all(&new_ca);
