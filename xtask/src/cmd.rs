@@ -51,14 +51,20 @@ pub fn succeeds(program: &str, args: &[&str]) -> bool {
 
 /// stdout of a command that must succeed.
 pub fn output(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
+    let mut c = Command::new(program);
+    c.args(args);
+    output_of(c)
+}
+
+/// stdout of a prepared command that must succeed.
+pub fn output_of(mut c: Command) -> Result<String> {
+    let shown = show(&c);
+    let out = c
         .output()
-        .with_context(|| format!("cannot start {program}"))?;
+        .with_context(|| format!("cannot start {shown}"))?;
     if !out.status.success() {
         bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
+            "`{shown}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

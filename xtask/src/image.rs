@@ -178,13 +178,8 @@ impl Podman {
     }
 
     fn output(&self, args: &[&str]) -> Result<String> {
-        let out = self.command().args(args).output().context("run podman")?;
-        if !out.status.success() {
-            bail!(
-                "podman {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut c = self.command();
+        c.args(args);
+        cmd::output_of(c)
     }
 }
