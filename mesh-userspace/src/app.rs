@@ -68,43 +68,10 @@ pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
     });
     let sockets = Sockets::start(&state_dir).context("take over from the running meshd")?;
     let mut reserved = ReservedPorts::reserve(&state_dir)?;
-    let outbound_listener = listen(
-        &sockets,
-        "node/outbound",
-        Ipv4Addr::LOCALHOST,
-        ports::OUTBOUND,
-    )?;
-    let inbound_listener = listen(
-        &sockets,
-        "node/inbound",
-        Ipv4Addr::UNSPECIFIED,
-        ports::INBOUND_PLAINTEXT,
-    )?;
-    let hbone_listener = match cfg.identity {
-        Some(_) => Some(listen(
-            &sockets,
-            "node/hbone",
-            Ipv4Addr::UNSPECIFIED,
-            ports::INBOUND_HBONE,
-        )?),
-        None => None,
-    };
+    let (outbound_listener, inbound_listener, hbone_listener) = node_listeners(&sockets, &cfg)?;
     let metrics = Arc::new(Metrics::default());
     let state = State::new(metrics.clone());
-    let endpoints = [
-        (Ipv4Addr::UNSPECIFIED, ports::METRICS, Port::Metrics),
-        (Ipv4Addr::UNSPECIFIED, ports::READINESS, Port::Health),
-        (Ipv4Addr::LOCALHOST, ports::ADMIN, Port::Admin),
-    ];
-    for (ip, port, which) in endpoints {
-        let listener = listen(&sockets, &format!("node/{which:?}"), ip, port)?;
-        tokio::spawn(admin::serve(
-            listener,
-            state.clone(),
-            which,
-            sockets.clone(),
-        ));
-    }
+    serve_admin(&sockets, &state)?;
     // Before anything is installed: a broken policy file stops start-up cleanly.
     let policy = Arc::new(Live::load(cfg.policies.clone()).context("authorization policy")?);
     metrics.policies.set(policy.current().len() as i64);
@@ -122,33 +89,14 @@ pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
     };
 
     let bundle = pod_identity.as_ref().map(|p| p.bundle.clone());
-    // Loading and verifying programs (or applying rules) blocks for a while: off the event
-    // loop, so health and admin answer meanwhile (503, starting).
-    let install = {
-        let (cfg, inbound) = (cfg.clone(), inbound_listener.clone());
-        move || -> Result<Arc<dyn Interception>> {
-            Ok(match mode {
-                Mode::Ebpf => Arc::new(ebpf::install(&cfg, &*inbound)?),
-                Mode::Iptables => Arc::new(iptables::install(&cfg)?),
-            })
-        }
-    };
-    let interception = tokio::task::spawn_blocking(install)
-        .await
-        .context("installing interception")??;
+    let interception = install(mode, &cfg, &inbound_listener).await?;
     // From here on interception outlives this process: the ports stay reserved with it.
     reserved.keep();
-    let mut inbound_workloads = HashMap::new();
-    for w in &cfg.workloads {
-        for port in &w.ports {
-            inbound_workloads.insert(*port, Arc::new(w.clone()));
-        }
-    }
     let ctx = Arc::new(Context {
         interception: interception.clone(),
         metrics: metrics.clone(),
         mark: cfg.proxy.mark,
-        inbound: inbound_workloads,
+        inbound: inbound_by_port(&cfg),
         peer_auth: cfg.peer_auth.clone(),
         mesh_networks: cfg.mesh.networks.clone(),
         egress: cfg.mesh.egress,
@@ -163,21 +111,7 @@ pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
         peer_names: Default::default(),
         sockets: sockets.clone(),
     });
-    let cni = match &cfg.pods {
-        Some(pods) => {
-            let manager = Arc::new(PodManager::new(
-                ctx.clone(),
-                pod_identity,
-                pods.settings.clone(),
-            ));
-            // Pods recorded by an earlier meshd are served again before anything new is taken.
-            manager.readopt().await?;
-            let path = &pods.settings.cni_socket;
-            let socket = sockets.unix("node/cni", || crate::inpod::server::bind(path))?;
-            Some((socket, manager))
-        }
-        None => None,
-    };
+    let cni = start_pods(&cfg, &ctx, pod_identity, &sockets).await?;
     let view = View {
         ctx: ctx.clone(),
         cfg: cfg.clone(),
@@ -255,6 +189,105 @@ async fn stopped(phase: Phase, wait: bool, signals: &mut StopSignals) -> Result<
             Ok(())
         }
     }
+}
+
+type Listener = Arc<tokio::net::TcpListener>;
+
+/// The node's proxy listeners: outbound :15001, inbound :15006 and (with an identity) HBONE
+/// :15008, taken from the running meshd or bound.
+fn node_listeners(
+    sockets: &Sockets,
+    cfg: &Validated,
+) -> Result<(Listener, Listener, Option<Listener>)> {
+    let outbound = listen(
+        sockets,
+        "node/outbound",
+        Ipv4Addr::LOCALHOST,
+        ports::OUTBOUND,
+    )?;
+    let inbound = listen(
+        sockets,
+        "node/inbound",
+        Ipv4Addr::UNSPECIFIED,
+        ports::INBOUND_PLAINTEXT,
+    )?;
+    let hbone = match cfg.identity {
+        Some(_) => Some(listen(
+            sockets,
+            "node/hbone",
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_HBONE,
+        )?),
+        None => None,
+    };
+    Ok((outbound, inbound, hbone))
+}
+
+/// Metrics :15020, health :15021 and the admin API on 127.0.0.1:15000, answering at once.
+fn serve_admin(sockets: &Arc<Sockets>, state: &Arc<State>) -> Result<()> {
+    let endpoints = [
+        (Ipv4Addr::UNSPECIFIED, ports::METRICS, Port::Metrics),
+        (Ipv4Addr::UNSPECIFIED, ports::READINESS, Port::Health),
+        (Ipv4Addr::LOCALHOST, ports::ADMIN, Port::Admin),
+    ];
+    for (ip, port, which) in endpoints {
+        let listener = listen(sockets, &format!("node/{which:?}"), ip, port)?;
+        tokio::spawn(admin::serve(
+            listener,
+            state.clone(),
+            which,
+            sockets.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Installs interception. Loading and verifying programs (or applying rules) blocks for a
+/// while: off the event loop, so health and admin answer meanwhile (503, starting).
+async fn install(mode: Mode, cfg: &Validated, inbound: &Listener) -> Result<Arc<dyn Interception>> {
+    let (cfg, inbound) = (cfg.clone(), inbound.clone());
+    let install = move || -> Result<Arc<dyn Interception>> {
+        Ok(match mode {
+            Mode::Ebpf => Arc::new(ebpf::install(&cfg, &*inbound)?),
+            Mode::Iptables => Arc::new(iptables::install(&cfg)?),
+        })
+    };
+    tokio::task::spawn_blocking(install)
+        .await
+        .context("installing interception")?
+}
+
+/// Local workloads by the ports they serve.
+fn inbound_by_port(cfg: &Validated) -> HashMap<u16, Arc<crate::config::Workload>> {
+    let mut by_port = HashMap::new();
+    for w in &cfg.workloads {
+        for port in &w.ports {
+            by_port.insert(*port, Arc::new(w.clone()));
+        }
+    }
+    by_port
+}
+
+/// Pods (`pods:`): the manager, with the pods an earlier meshd recorded served again before
+/// anything new is taken, and the CNI socket.
+async fn start_pods(
+    cfg: &Validated,
+    ctx: &Arc<Context>,
+    identity: Option<PodIdentity>,
+    sockets: &Sockets,
+) -> Result<Option<(Arc<tokio::net::UnixListener>, Arc<PodManager>)>> {
+    let Some(pods) = &cfg.pods else {
+        return Ok(None);
+    };
+    let manager = Arc::new(PodManager::new(
+        ctx.clone(),
+        identity,
+        pods.settings.clone(),
+    ));
+    manager.readopt().await?;
+    let path = &pods.settings.cni_socket;
+    let socket = sockets.unix("node/cni", || crate::inpod::server::bind(path))?;
+    Ok(Some((socket, manager)))
 }
 
 /// The ports this meshd added to the namespace's reserved ports (recorded in a file): given
