@@ -1,7 +1,8 @@
 //! Verifying a peer's SVID: the chain must lead to a root of the trust bundle (several roots are
 //! allowed, for rotation), be valid now, not be revoked (CRLs, denied serials, denied SPIFFE
-//! IDs), and the leaf must carry exactly one URI SAN: a SPIFFE ID of our trust domain. DNS names
-//! play no part. Each failure has a reason of its own, which becomes a metric label.
+//! IDs), and the leaf must carry exactly one SPIFFE ID (one `spiffe:` URI SAN; URIs of other
+//! schemes are ignored), of our trust domain. DNS names play no part. Each failure has a reason
+//! of its own, which becomes a metric label.
 
 use std::{
     collections::HashSet,
@@ -38,7 +39,7 @@ pub enum VerifyError {
     UnexpectedIdentity { want: String, got: String },
     #[error("{0}")]
     BadSpiffeId(#[from] SpiffeError),
-    #[error("certificate must carry exactly one URI SAN, found {0}")]
+    #[error("certificate must carry exactly one SPIFFE ID (spiffe: URI SAN), found {0}")]
     UriSanCount(usize),
     #[error("invalid certificate: {0}")]
     Invalid(String),
@@ -270,7 +271,9 @@ fn chain_error(e: webpki::Error) -> VerifyError {
     }
 }
 
-/// The SPIFFE ID (the one URI SAN) and serial of a certificate.
+/// The SPIFFE ID and serial of a certificate. Other URI SANs may stand beside the SPIFFE ID
+/// (as Istio's ztunnel allows), but only one `spiffe:` URI: a certificate naming two SPIFFE
+/// identities would leave open which one the peer is (the X.509-SVID standard allows one).
 pub fn identity_of(der: &CertificateDer<'_>) -> Result<PeerIdentity, VerifyError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| VerifyError::Invalid(e.to_string()))?;
@@ -284,6 +287,10 @@ pub fn identity_of(der: &CertificateDer<'_>) -> Result<PeerIdentity, VerifyError
         .filter_map(|n| match n {
             GeneralName::URI(u) => Some(*u),
             _ => None,
+        })
+        .filter(|u| {
+            u.get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("spiffe:"))
         })
         .collect();
     let [uri] = uris.as_slice() else {
@@ -392,5 +399,71 @@ mod bundle_tests {
         for dir in [old_dir, new_dir] {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+
+    /// A client certificate with these URI SANs, from `issuer`: the leaf and the issuer.
+    fn leaf(issuer: &ca::Issuer, uris: &[&str]) -> Vec<CertificateDer<'static>> {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = (uris.iter())
+            .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
+            .collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer.issuer).unwrap();
+        vec![cert.der().clone(), issuer.cert.clone()]
+    }
+
+    #[test]
+    fn other_uri_sans_may_stand_beside_exactly_one_spiffe_id_of_the_trust_domain() {
+        let (dir, issuer) = pki("sans");
+        let bundle = TrustBundle::load(
+            "cluster.local",
+            &[dir.join("root.crt")],
+            &Revocation::default(),
+        )
+        .unwrap();
+        let verify = |uris: &[&str]| {
+            let chain = leaf(&issuer, uris);
+            let now = UnixTime::now();
+            bundle.verify(&chain[0], &chain[1..], now, KeyUsage::client_auth())
+        };
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        for uris in [
+            vec![web],
+            vec![web, "https://example.com/id/web"],
+            vec!["urn:example:web", web, "https://example.com/"],
+        ] {
+            let got = verify(&uris).map(|p| p.id.to_string());
+            assert_eq!(got.as_deref(), Ok(web), "{uris:?}");
+        }
+        for (uris, reason) in [
+            // Two SPIFFE identities: which one is the peer?
+            (
+                vec![web, "spiffe://cluster.local/ns/shop/sa/admin"],
+                "bad_spiffe_id",
+            ),
+            (
+                vec![web, "spiffe://other.td/ns/shop/sa/web"],
+                "bad_spiffe_id",
+            ),
+            (
+                vec![web, "SPIFFE://cluster.local/ns/shop/sa/web"],
+                "bad_spiffe_id",
+            ),
+            (vec!["https://example.com/"], "bad_spiffe_id"),
+            (
+                vec!["spiffe://cluster.local/not/istio", "https://x/"],
+                "bad_spiffe_id",
+            ),
+            (
+                vec!["spiffe://other.td/ns/shop/sa/web", "https://x/"],
+                "wrong_trust_domain",
+            ),
+        ] {
+            let got = verify(&uris).map(|p| p.id.to_string());
+            assert_eq!(got.map_err(|e| e.reason()), Err(reason), "{uris:?}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
