@@ -2,12 +2,17 @@
 //! ambient speaks it. `pool.rs` is the client side (one pooled connection per source identity
 //! and peer node, one stream per application connection), `server.rs` the :15008 listener.
 //! `bridge` copies between an application socket and a stream, with half-close both ways:
-//! END_STREAM is the application's FIN.
+//! END_STREAM is the application's FIN. The CONNECT's other fields: `authority.rs` (what
+//! `:authority` names), `forwarded.rs` and `traceparent.rs` (the original source and the trace,
+//! sent on every stream and, on the server, believed only as far as the access line).
 
+pub mod authority;
 pub mod baggage;
+pub mod forwarded;
 pub mod limits;
 pub mod pool;
 pub mod server;
+pub mod traceparent;
 
 use std::{future::poll_fn, io};
 
@@ -29,6 +34,24 @@ pub const MAX_FRAME: u32 = 1 << 20;
 /// reads took a bulk stream from 906 to 969-1015 MB/s.
 const READ_MIN: usize = 16 << 10;
 const READ_MAX: usize = 256 << 10;
+
+/// Why a header a peer sent was ignored (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// Not the header's grammar (or not an address where one must be).
+    Malformed,
+    /// Longer than meshd reads.
+    Oversized,
+}
+
+impl Ignored {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Ignored::Malformed => "malformed",
+            Ignored::Oversized => "oversized",
+        }
+    }
+}
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
