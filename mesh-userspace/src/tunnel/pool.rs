@@ -5,7 +5,9 @@
 //! opened beside it, so thousands of long-lived application connections never wait for a free
 //! stream. A pooled connection made with a certificate that has since rotated takes no new
 //! streams (its open streams finish on it), so the peer sees the new certificate from the next
-//! connection on.
+//! connection on. Each CONNECT carries, besides `baggage`, `Forwarded: for=` the address the
+//! application's connection comes from (the node's or the pod's: the tunnel's own source, which
+//! is the address the application would have used on that route) and a fresh `traceparent`.
 
 use std::{
     collections::HashMap,
@@ -25,7 +27,7 @@ use rustls::{pki_types::ServerName, ClientConfig};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+use super::{traceparent::TraceParent, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::{SpiffeId, Svid},
     inpod::netns::Netns,
@@ -113,12 +115,14 @@ impl TunnelError {
     }
 
     /// Envoy's response flag for it: `UF` the peer could not be reached or verified, `RBAC`
-    /// its policy refused the stream (403), `UO` a limit did (429), `UC` the stream broke.
+    /// its policy refused the stream (403; Istio's ztunnel answers 401), `UO` a limit did
+    /// (429), `UC` the stream broke.
     pub fn response_flag(&self) -> &'static str {
+        use http::StatusCode as S;
         match self {
             TunnelError::Connect(_) | TunnelError::Handshake(..) | TunnelError::Config(_) => "UF",
-            TunnelError::Refused(s) if *s == http::StatusCode::FORBIDDEN => "RBAC",
-            TunnelError::Refused(s) if *s == http::StatusCode::TOO_MANY_REQUESTS => "UO",
+            TunnelError::Refused(S::FORBIDDEN | S::UNAUTHORIZED) => "RBAC",
+            TunnelError::Refused(S::TOO_MANY_REQUESTS) => "UO",
             TunnelError::Refused(_) | TunnelError::NoEndpoints => "NR",
             TunnelError::H2(_) => "UC",
         }
@@ -133,6 +137,8 @@ struct Pooled {
     server: Arc<PeerIdentity>,
     /// Streams open on it now (each [`StreamLease`] counts one).
     streams: Arc<AtomicUsize>,
+    /// Its streams' `Forwarded` value: the connection's own source address.
+    forwarded: Option<http::HeaderValue>,
 }
 
 impl Pooled {
@@ -141,10 +147,23 @@ impl Pooled {
         self.streams.load(Relaxed) < self.send.current_max_send_streams()
     }
 
-    fn lease(&self) -> StreamLease {
+    fn lease(&self) -> Leased {
         self.streams.fetch_add(1, Relaxed);
-        StreamLease(self.streams.clone())
+        Leased {
+            send: self.send.clone(),
+            server: self.server.clone(),
+            lease: StreamLease(self.streams.clone()),
+            forwarded: self.forwarded.clone(),
+        }
     }
+}
+
+/// A place for one stream on a pooled connection.
+struct Leased {
+    send: SendRequest<Bytes>,
+    server: Arc<PeerIdentity>,
+    lease: StreamLease,
+    forwarded: Option<http::HeaderValue>,
 }
 
 /// One stream's place on its connection, given back when dropped (the stream has ended).
@@ -172,6 +191,8 @@ pub struct Opened {
     pub server: Arc<PeerIdentity>,
     /// Held for as long as the stream is used.
     pub lease: StreamLease,
+    /// The trace id its `traceparent` carries.
+    pub trace_id: super::traceparent::TraceId,
 }
 
 pub struct Pool {
@@ -204,15 +225,22 @@ impl Pool {
         let slot = self.slot((who.id.clone(), node, expected.clone()));
         let mut retried = false;
         loop {
-            let (send, server, lease) = self.checkout(&slot, who, node, &expected).await?;
-            let streams = lease.0.clone();
-            match connect_stream(send, target, who.baggage.as_ref())
+            let leased = self.checkout(&slot, who, node, &expected).await?;
+            let streams = leased.lease.0.clone();
+            let trace = TraceParent::random();
+            let headers = Headers {
+                baggage: who.baggage.as_ref(),
+                forwarded: leased.forwarded.as_ref(),
+                traceparent: trace.header(),
+            };
+            match connect_stream(leased.send, target, headers)
                 .await
                 .map(|(send, response)| Opened {
                     send,
                     response,
-                    server,
-                    lease,
+                    server: leased.server,
+                    lease: leased.lease,
+                    trace_id: trace.trace_id,
                 }) {
                 // The pooled connection died (peer restarted, GOAWAY, idle close): one fresh
                 // attempt on another.
@@ -240,7 +268,7 @@ impl Pool {
         who: &ClientIdentity,
         node: Ipv4Addr,
         expected: &Option<SpiffeId>,
-    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>, StreamLease), TunnelError> {
+    ) -> Result<Leased, TunnelError> {
         let mut pooled = slot.lock().await;
         let serial = who.svid.borrow().serial.clone();
         // Rotated-out connections take no new streams; idle extras beyond the first go.
@@ -253,18 +281,19 @@ impl Pool {
             keep
         });
         if let Some(p) = pooled.iter().find(|p| p.has_room()) {
-            return Ok((p.send.clone(), p.server.clone(), p.lease()));
+            return Ok(p.lease());
         }
-        let (send, server) = self.connect(who, node, expected).await?;
+        let (send, server, source) = self.connect(who, node, expected).await?;
         let p = Pooled {
-            send: send.clone(),
+            send,
             serial,
-            server: server.clone(),
+            server,
             streams: Arc::default(),
+            forwarded: source.map(super::forwarded::header),
         };
-        let lease = p.lease();
+        let leased = p.lease();
         pooled.push(p);
-        Ok((send, server, lease))
+        Ok(leased)
     }
 
     async fn connect(
@@ -272,11 +301,19 @@ impl Pool {
         who: &ClientIdentity,
         node: Ipv4Addr,
         expected: &Option<SpiffeId>,
-    ) -> Result<(SendRequest<Bytes>, Arc<PeerIdentity>), TunnelError> {
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            Arc<PeerIdentity>,
+            Option<std::net::IpAddr>,
+        ),
+        TunnelError,
+    > {
         let addr = SocketAddrV4::new(node, mesh_common::ports::INBOUND_HBONE);
         let tcp = crate::proxy::dial(addr, self.mark, None, self.netns.as_deref())
             .await
             .map_err(TunnelError::Connect)?;
+        let source = tcp.local_addr().ok().map(|a| a.ip());
         let connector = TlsConnector::from(who.config(expected)?);
         let tls = match connector
             .connect(ServerName::IpAddress(node.into()), tcp)
@@ -312,8 +349,15 @@ impl Pool {
                 tracing::debug!(error = %e, %node, "HBONE connection ended");
             }
         });
-        Ok((send, Arc::new(server)))
+        Ok((send, Arc::new(server), source))
     }
+}
+
+/// The headers of one CONNECT besides its authority.
+struct Headers<'a> {
+    baggage: Option<&'a http::HeaderValue>,
+    forwarded: Option<&'a http::HeaderValue>,
+    traceparent: http::HeaderValue,
 }
 
 /// Sends the CONNECT and returns at once: the application's bytes may follow the HEADERS
@@ -322,14 +366,18 @@ impl Pool {
 async fn connect_stream(
     send: SendRequest<Bytes>,
     target: SocketAddrV4,
-    baggage: Option<&http::HeaderValue>,
+    headers: Headers<'_>,
 ) -> Result<(SendStream<Bytes>, ResponseFuture), TunnelError> {
     let mut send = send.ready().await?;
     let mut request = http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri(target.to_string());
-    if let Some(b) = baggage {
+        .uri(target.to_string())
+        .header("traceparent", headers.traceparent);
+    if let Some(b) = headers.baggage {
         request = request.header("baggage", b);
+    }
+    if let Some(f) = headers.forwarded {
+        request = request.header(http::header::FORWARDED, f);
     }
     let request = request
         .body(())
@@ -350,4 +398,27 @@ pub async fn response_body(response: ResponseFuture) -> std::io::Result<RecvStre
         )));
     }
     Ok(response.into_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TunnelError;
+    use http::StatusCode;
+
+    #[test]
+    fn refusals_map_to_envoy_flags() {
+        for (status, flag) in [
+            (StatusCode::FORBIDDEN, "RBAC"),
+            (StatusCode::UNAUTHORIZED, "RBAC"), // ztunnel's policy denial
+            (StatusCode::TOO_MANY_REQUESTS, "UO"),
+            (StatusCode::NOT_IMPLEMENTED, "NR"),
+            (StatusCode::SERVICE_UNAVAILABLE, "NR"),
+        ] {
+            assert_eq!(
+                TunnelError::Refused(status).response_flag(),
+                flag,
+                "{status}"
+            );
+        }
+    }
 }
