@@ -107,6 +107,15 @@ pub struct Metrics {
     pub registry_connected: Family<SourceLabels, Gauge>,
     pub registry_updates: Family<SourceResultLabels, Counter>,
     pub registry_entries: Family<KindLabels, Gauge>,
+    pub hbone_headers_ignored: Family<HeaderLabels, Counter>,
+}
+
+/// A CONNECT header a peer sent and meshd ignored (`forwarded`, `traceparent`), and why
+/// (`malformed`, `oversized`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabels {
+    pub header: &'static str,
+    pub reason: &'static str,
 }
 
 /// A registry source (`etcd`).
@@ -190,6 +199,7 @@ impl Default for Metrics {
             registry_connected: Family::default(),
             registry_updates: Family::default(),
             registry_entries: Family::default(),
+            hbone_headers_ignored: Family::default(),
             registry: Registry::default(),
         };
         register_all!(registry:
@@ -227,6 +237,9 @@ impl Default for Metrics {
             "Registry updates from a source, by result (listed, applied, rejected_<reason>)" => m.registry_updates;
             "registry_entries",
             "Workloads and Services the shared registry source holds now" => m.registry_entries;
+            "hbone_headers_ignored",
+            "HBONE CONNECT headers a peer sent that meshd ignored, by header (forwarded, \
+             traceparent) and reason (malformed, oversized)" => m.hbone_headers_ignored;
             "build_info", "1, labelled with meshd's version and interception mode" => m.build;
             "certificate_expiry_seconds",
             "Seconds until the SVID of each local identity expires (renewed at half life)" => m.certificate_expiry;
@@ -243,6 +256,11 @@ impl Metrics {
         self.rejected
             .get_or_create(&RejectLabels { direction, reason })
             .inc();
+    }
+
+    pub fn header_ignored(&self, header: &'static str, reason: &'static str) {
+        let labels = HeaderLabels { header, reason };
+        self.hbone_headers_ignored.get_or_create(&labels).inc();
     }
 
     pub fn handshake(&self, direction: Direction, result: &'static str) {

@@ -213,6 +213,11 @@ pub struct Access {
     pub meter: Meter,
     /// Outbound to a Service address: the Service and the endpoint it went to.
     pub service: Option<(Arc<crate::registry::ServiceTarget>, SocketAddrV4)>,
+    /// HBONE inbound: the original source the peer's `Forwarded: for=` names (its claim, for
+    /// the log only).
+    pub forwarded_for: Option<std::net::IpAddr>,
+    /// HBONE: the trace id of the CONNECT's `traceparent`.
+    pub trace_id: Option<crate::tunnel::traceparent::TraceId>,
     started: Instant,
     active: Gauge,
 }
@@ -239,6 +244,8 @@ impl Access {
             flags: "-",
             meter: ctx.metrics.istio.open(istio),
             service: None,
+            forwarded_for: None,
+            trace_id: None,
             started: Instant::now(),
             active,
         }
@@ -272,6 +279,8 @@ impl Access {
             peer_serial = %self.peer.as_ref().map_or("-", |p| p.serial.as_str()),
             src = %self.src.map_or("?".into(), |p| p.to_string()),
             dst = %self.dst,
+            forwarded_for = %self.forwarded_for.map_or("-".into(), |ip| ip.to_string()),
+            trace_id = %self.trace_id.map_or("-".into(), |t| t.to_string()),
             server_check = %self.server_check,
             service = %self.service.as_ref().map_or("-".into(), |(s, _)| format!("{}/{}", s.namespace, s.name)),
             endpoint = %self.service.as_ref().map_or("-".into(), |(_, e)| e.to_string()),

@@ -1,8 +1,11 @@
 //! Inbound HBONE (:15008). Bytes that are not a TLS handshake are refused before rustls sees
 //! them; the handshake requires a client SVID of our trust domain (TLS 1.3 only); then each
-//! HTTP/2 CONNECT stream is checked — a local workload's address and port, never loopback,
-//! another host or meshd's own ports — dialled from 127.0.0.6, answered 200, and bridged.
-//! Every refusal has a reason that is logged and counted, and the listener keeps serving.
+//! HTTP/2 CONNECT stream is checked — a local workload's IPv4 address and port, never loopback,
+//! another host or meshd's own ports; an IPv6 or hostname authority is refused as something
+//! meshd cannot deliver (501) — dialled from 127.0.0.6, answered 200, and bridged.
+//! Every refusal has a reason that is logged and counted, and the listener keeps serving. The
+//! peer's `Forwarded: for=` and `traceparent` are read strictly and recorded in the access
+//! line only (malformed: ignored and counted).
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -22,7 +25,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
 use super::{
+    authority::{self, Target},
+    forwarded,
     limits::{Handshakes, Slot},
+    traceparent::{TraceId, TraceParent},
     CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW,
 };
 use crate::{
@@ -315,7 +321,13 @@ fn check_target(
     if request.method() != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect"));
     }
-    let target = connect_target(request.uri()).ok_or((StatusCode::BAD_REQUEST, "bad_authority"))?;
+    let target = match authority::target(request.uri()) {
+        Target::V4(target) => target,
+        // Well-formed, but nothing meshd can deliver to (see `authority`).
+        Target::V6(_) => return Err((StatusCode::NOT_IMPLEMENTED, "authority_ipv6")),
+        Target::Hostname => return Err((StatusCode::NOT_IMPLEMENTED, "authority_hostname")),
+        Target::Invalid => return Err((StatusCode::BAD_REQUEST, "bad_authority")),
+    };
     if ports::ALL.contains(&target.port()) {
         return Err((StatusCode::FORBIDDEN, "meshd_port"));
     }
@@ -332,9 +344,45 @@ fn check_target(
 /// The address a CONNECT request names: its authority, exactly `a.b.c.d:port` (no name, no
 /// IPv6, no user info). Untrusted input: fuzzed by `fuzz/fuzz_targets/hbone_authority.rs`.
 pub fn connect_target(uri: &http::Uri) -> Option<SocketAddrV4> {
-    uri.authority().and_then(|a| a.as_str().parse().ok())
+    match authority::target(uri) {
+        Target::V4(target) => Some(target),
+        _ => None,
+    }
 }
 
+/// What the peer claims about a stream: the original source (`Forwarded: for=`) and the trace
+/// id (`traceparent`). A header that is repeated where it must not be, malformed or too long is
+/// ignored and counted (`meshd_hbone_headers_ignored_total{header,reason}`).
+fn claims(headers: &http::HeaderMap, ctx: &Context) -> (Option<std::net::IpAddr>, Option<TraceId>) {
+    fn ignored<T>(ctx: &Context, header: &'static str, why: super::Ignored) -> Option<T> {
+        ctx.metrics.header_ignored(header, why.reason());
+        None
+    }
+    // Several `Forwarded` fields are one list: its first element is in the first field.
+    let source = headers
+        .get(http::header::FORWARDED)
+        .and_then(|v| forwarded::source(v).unwrap_or_else(|why| ignored(ctx, "forwarded", why)));
+    let mut traceparents = headers.get_all("traceparent").iter();
+    let trace = match (traceparents.next(), traceparents.next()) {
+        (None, _) => None,
+        (Some(v), None) => TraceParent::parse(v)
+            .map_or_else(|why| ignored(ctx, "traceparent", why), |t| Some(t.trace_id)),
+        (Some(_), Some(_)) => ignored(ctx, "traceparent", super::Ignored::Malformed),
+    };
+    (source, trace)
+}
+
+/// Answers a CONNECT with `status` and ends the stream.
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("static response");
+    let _ = respond.send_response(response, true);
+}
+
+/// One CONNECT: its target checked, then limits and the connection-level policy decision;
+/// refused with its status, or carried by [`deliver`].
 async fn stream_task(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -349,21 +397,13 @@ async fn stream_task(
         source,
         streams,
     } = caller;
-    let answer = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
-        let response = Response::builder()
-            .status(status)
-            .body(())
-            .expect("static response");
-        respond.send_response(response, true)
-    };
     let (target, workload) = match check_target(&ctx, &scope, &request) {
         Ok(t) => t,
         Err((status, reason)) => {
             ctx.metrics.reject(Direction::Inbound, reason);
             crate::warn_throttled!(reason, %peer, peer_id = %who.id, uri = %request.uri(), reason, %status,
                 "HBONE CONNECT refused");
-            let _ = answer(&mut respond, status);
-            return;
+            return answer(&mut respond, status);
         }
     };
     // A stream its caller already reset (HTTP/2 rapid reset) is not worth a dial.
@@ -380,56 +420,68 @@ async fn stream_task(
         source,
     );
     let Some(_permits) = guard.limits() else {
-        let _ = answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
-        return;
+        return answer(&mut respond, StatusCode::TOO_MANY_REQUESTS);
     };
     let refused = match guard.admit() {
         Admission::Dial => None,
-        Admission::Refuse => {
-            let _ = answer(&mut respond, StatusCode::FORBIDDEN);
-            return;
-        }
+        Admission::Refuse => return answer(&mut respond, StatusCode::FORBIDDEN),
         Admission::DenyRequests(decision) => Some(decision),
     };
     let labels = labels(&ctx, Direction::Inbound, "hbone");
     let mut access = Access::begin(&ctx, labels, target, Some(peer), guard.istio());
     access.workload = Some(workload);
     access.peer = Some(who);
+    (access.forwarded_for, access.trace_id) = claims(request.headers(), &ctx);
+    let stream = (request, respond);
+    let result = deliver(
+        stream,
+        (guard, refused),
+        &mut access,
+        (&ctx, &scope, &streams),
+    )
+    .await;
+    access.finish(&ctx, result);
+}
+
+/// An admitted CONNECT: on a port whose requests policy refuses, answered 200 and its requests
+/// denied without a dial; otherwise the workload dialled from 127.0.0.6 (503 when it cannot be
+/// reached), 200, and the stream carried as policy allows.
+async fn deliver(
+    (request, mut respond): (Request<h2::RecvStream>, SendResponse<Bytes>),
+    (guard, refused): (Guard, Option<crate::policy::Decision>),
+    access: &mut Access,
+    (ctx, scope, streams): (&Context, &Scope, &StreamCounts),
+) -> std::io::Result<(u64, u64)> {
     if let Some(decision) = refused {
-        let result = match respond.send_response(ok(), false) {
-            Ok(send) => {
-                let downstream = Downstream::Hbone(send, request.into_body());
-                guard
-                    .deny_requests(decision, downstream, &access.meter)
-                    .await
-            }
-            Err(e) => Err(std::io::Error::other(e)),
-        };
-        return access.finish(&ctx, result);
+        let send = respond
+            .send_response(ok(), false)
+            .map_err(std::io::Error::other)?;
+        let downstream = Downstream::Hbone(send, request.into_body());
+        return guard
+            .deny_requests(decision, downstream, &access.meter)
+            .await;
     }
     let source = Some(DELIVERY_SOURCE_IP.into());
-    let upstream = match dial(target, ctx.mark, source, scope.netns()).await {
+    let upstream = match dial(access.dst, ctx.mark, source, scope.netns()).await {
         Ok(s) => s,
         Err(e) => {
             ctx.metrics
                 .reject(Direction::Inbound, "upstream_connect_failed");
             access.flags = "UF";
-            let _ = answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            access.finish(&ctx, Err(e));
-            return;
+            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return Err(e);
         }
     };
-    if reset_by_caller(&mut respond, &ctx, &streams) {
-        return access.finish(&ctx, Err(std::io::Error::other("reset by the caller")));
+    if reset_by_caller(&mut respond, ctx, streams) {
+        return Err(std::io::Error::other("reset by the caller"));
     }
-    let result = match respond.send_response(ok(), false) {
+    match respond.send_response(ok(), false) {
         Ok(send) => {
             let downstream = Downstream::Hbone(send, request.into_body());
             guard.carry(downstream, upstream, &access.meter).await
         }
         Err(e) => Err(std::io::Error::other(e)),
-    };
-    access.finish(&ctx, result);
+    }
 }
 
 /// Whether the caller has reset the stream before meshd answered it (counted per connection:
