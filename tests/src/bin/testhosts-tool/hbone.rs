@@ -71,14 +71,29 @@ pub fn config(identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig, St
     Ok(config)
 }
 
-pub fn run(addr: &str, authority: &str, identity: Option<(&str, &str)>) -> Result<(), String> {
+pub fn run(
+    addr: &str,
+    authority: &str,
+    identity: Option<(&str, &str)>,
+    headers: &[&str],
+) -> Result<(), String> {
     let config = config(identity)?;
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority);
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or(format!("not NAME: VALUE: {header}"))?;
+        request = request.header(name.trim(), value.trim_start());
+    }
+    let request = request.body(()).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        match connect(addr, authority, config).await {
+        match connect(addr, request, config).await {
             Ok(line) => println!("{line}"),
             Err(e) => println!("tls-error {e}"),
         }
@@ -88,7 +103,7 @@ pub fn run(addr: &str, authority: &str, identity: Option<(&str, &str)>) -> Resul
 
 async fn connect(
     addr: &str,
-    authority: &str,
+    request: http::Request<()>,
     config: rustls::ClientConfig,
 ) -> Result<String, String> {
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -113,11 +128,6 @@ async fn connect(
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let mut send = send.ready().await.map_err(|e| e.to_string())?;
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority)
-        .body(())
-        .map_err(|e| e.to_string())?;
     let (response, mut stream) = send
         .send_request(request, false)
         .map_err(|e| e.to_string())?;

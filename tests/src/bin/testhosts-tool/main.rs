@@ -21,11 +21,12 @@
 //! testhosts-tool echo-server-async ADDR / hold ADDR N SECONDS
 //!                                        tens of thousands of idle connections (hold.rs)
 //! testhosts-tool raw ADDR TEXT|random    send bytes, print `closed` when the peer closes
-//! testhosts-tool hbone ADDR AUTHORITY [CERT KEY]
+//! testhosts-tool hbone ADDR AUTHORITY [CERT KEY ['NAME: VALUE'...]]
 //!                                        mTLS (TLS 1.3, ALPN h2) to ADDR with the given client
-//!                                        SVID, CONNECT AUTHORITY; print `server-id SPIFFE_ID`
-//!                                        (the server's URI SAN), `status N` and, on 200,
-//!                                        `echo ok` after a round trip; `tls-error ...` on failure
+//!                                        SVID, CONNECT AUTHORITY with these extra headers; print
+//!                                        `server-id SPIFFE_ID` (the server's URI SAN), `status N`
+//!                                        and, on 200, `echo ok` after a round trip; `tls-error
+//!                                        ...` on failure
 //! testhosts-tool grpc-server ADDR        HTTP/2 prior knowledge; print `ready ADDR`; answer every
 //!                                        gRPC call (one message) with `PATH:PAYLOAD` and
 //!                                        grpc-status 0
@@ -74,8 +75,10 @@ fn main() {
         ["echo-server-async", addr] => hold::echo_server(addr),
         ["hold", addr, n, secs] => hold::hold(addr, parse(n), parse(secs) as u64),
         ["raw", addr, what] => raw(addr, what),
-        ["hbone", addr, authority] => hbone::run(addr, authority, None),
-        ["hbone", addr, authority, cert, key] => hbone::run(addr, authority, Some((cert, key))),
+        ["hbone", addr, authority] => hbone::run(addr, authority, None, &[]),
+        ["hbone", addr, authority, cert, key, headers @ ..] => {
+            hbone::run(addr, authority, Some((cert, key)), headers)
+        }
         ["rapid-reset", addr, authority, cert, key, n] => {
             abuse::rapid_reset(addr, authority, (cert, key), parse(n))
         }
