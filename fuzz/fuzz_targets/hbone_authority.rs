@@ -1,16 +1,32 @@
-//! The CONNECT target of an HBONE stream (:15008): `:authority` bytes as h2 reads them into a
-//! URI, a whole request target, then `connect_target`, which picks the address to dial. No
-//! panic, and an accepted target reads one way only: the address dialled is the authority's
-//! host and port as logged.
+//! The CONNECT of an HBONE stream (:15008), as a peer controls it: `:authority` bytes as h2
+//! reads them into a URI, a whole request target, then `connect_target`, which picks the
+//! address to dial, and `authority::target`, which tells the forms apart; and the same bytes
+//! as the `Forwarded` and `traceparent` values meshd reads. No panic; an accepted target reads
+//! one way only (the address dialled is the authority's host and port as logged); an accepted
+//! `Forwarded` address or `traceparent` survives meshd's own serialisation unchanged.
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use http::uri::{Authority, Parts, Uri};
+use http::{
+    uri::{Authority, Parts, Uri},
+    HeaderValue,
+};
 use libfuzzer_sys::fuzz_target;
-use meshd::tunnel::server::connect_target;
+use meshd::tunnel::{
+    authority::{self, Target},
+    forwarded,
+    server::connect_target,
+    traceparent::TraceParent,
+};
 
 fn check(uri: &Uri, target: Option<SocketAddrV4>) {
+    let form = authority::target(uri);
+    assert_eq!(target, if let Target::V4(a) = form { Some(a) } else { None });
+    if let Target::V6(addr) = form {
+        let authority = uri.authority().expect("a target comes from an authority");
+        assert_eq!(authority.port_u16(), Some(addr.port()), "{authority}");
+    }
     let Some(addr) = target else {
         return;
     };
@@ -18,6 +34,18 @@ fn check(uri: &Uri, target: Option<SocketAddrV4>) {
     assert_eq!(authority.port_u16(), Some(addr.port()), "{authority}");
     let host = authority.host().parse::<Ipv4Addr>().ok();
     assert_eq!(host, Some(*addr.ip()), "{authority}");
+}
+
+fn headers(data: &[u8]) {
+    let Ok(value) = HeaderValue::from_bytes(data) else {
+        return;
+    };
+    if let Ok(Some(ip)) = forwarded::source(&value) {
+        assert_eq!(forwarded::source(&forwarded::header(ip)), Ok(Some(ip)));
+    }
+    if let Ok(t) = TraceParent::parse(&value) {
+        assert_eq!(TraceParent::parse(&t.header()), Ok(t));
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -34,4 +62,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(uri) = Uri::try_from(data) {
         check(&uri, connect_target(&uri));
     }
+    headers(data);
 });
