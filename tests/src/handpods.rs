@@ -238,6 +238,10 @@ pub fn assert_pod_tunnel(
         inbound[0].contains(&format!("src={client_ip}:")),
         "{mode}: the client pod's own address as source: {inbound:?}"
     );
+    assert!(
+        inbound[0].contains(&format!("forwarded_for={client_ip} ")),
+        "{mode}: the client pod's address in Forwarded: {inbound:?}"
+    );
     let outbound = client
         .wait_access(&["direction=outbound", "transport=hbone"], 3)
         .unwrap();
