@@ -128,7 +128,15 @@ fn start_nodes(
 }
 
 fn endpoint_of(line: &str) -> &str {
-    let at = line.find("endpoint=").expect("endpoint field") + "endpoint=".len();
+    field(line, "endpoint=")
+}
+
+/// The value of `name` (`key=`) in an access line.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    let at = line
+        .find(name)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len();
     line[at..].split_whitespace().next().unwrap()
 }
 
@@ -192,6 +200,10 @@ fn three_nodes_and_etcd(mode: &str) {
         .wait_access(&["direction=inbound", "transport=hbone"], 1)
         .unwrap()[0];
     assert!(in_line.contains(&format!("peer={WEB}")), "{in_line}");
+    // Both sides name the stream by the same W3C trace id (the CONNECT's traceparent).
+    let trace = |line: &str| field(line, "trace_id=").to_string();
+    assert_eq!(trace(out_line), trace(in_line), "{out_line}\n{in_line}");
+    assert_eq!(trace(out_line).len(), 32, "{out_line}");
 
     // By Service address: both nodes' pods get connections, each verified.
     for _ in 0..6 {

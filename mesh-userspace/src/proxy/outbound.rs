@@ -103,6 +103,7 @@ async fn through_tunnel(mut app: TcpStream, origin: Origin, ctx: &Context, scope
         Ok(o) => {
             let _lease = o.lease;
             access.peer = Some(o.server);
+            access.trace_id = Some(o.trace_id);
             let body = tunnel::pool::response_body(o.response);
             let counts = (&access.meter.request, &access.meter.response);
             tunnel::bridge(&mut app, o.send, body, counts).await
