@@ -22,7 +22,14 @@ use meshd::tunnel::{
 
 fn check(uri: &Uri, target: Option<SocketAddrV4>) {
     let form = authority::target(uri);
-    assert_eq!(target, if let Target::V4(a) = form { Some(a) } else { None });
+    assert_eq!(
+        target,
+        if let Target::V4(a) = form {
+            Some(a)
+        } else {
+            None
+        }
+    );
     if let Target::V6(addr) = form {
         let authority = uri.authority().expect("a target comes from an authority");
         assert_eq!(authority.port_u16(), Some(addr.port()), "{authority}");
