@@ -134,7 +134,6 @@ pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
 
     // Registered once, before serving, so a signal that arrives while draining is not lost.
     let mut signals = StopSignals::new()?;
-    let mut asked_to_stop = true;
     let served = tokio::select! {
         _ = proxy::accept_loop(outbound_listener.clone(), ctx.clone(), Scope::default(), outbound::handle) => Ok(()),
         _ = proxy::accept_loop(inbound_listener.clone(), ctx.clone(), Scope::default(), inbound::handle) => Ok(()),
@@ -149,11 +148,12 @@ pub async fn run(mode: Mode, cfg: Validated, stopping: Stopping) -> Result<()> {
             tracing::info!("shutting down: /quitquitquit");
             Ok(())
         }
-        _ = sockets.reached(Phase::Draining) => {
-            asked_to_stop = false;
-            Ok(())
-        }
+        _ = sockets.reached(Phase::Draining) => Ok(()),
     };
+    // Whether a successor ended serving, read from the phase and not from the branch that
+    // won: the accept loops end at the same moment, and select! picks among ready branches
+    // at random.
+    let asked_to_stop = sockets.phase() < Phase::Draining;
     // No new connection is accepted from here on; the listening sockets stay open (connections
     // queue on them) for a successor, which can still take them over while this one drains.
     sockets.enter(Phase::Draining);

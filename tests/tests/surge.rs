@@ -63,9 +63,13 @@ fn after_a_handover_the_old_meshd_waits_for_sigterm_only_when_asked() {
     let mut new = net.start_meshd_config(0, "ebpf", &config).unwrap();
     let log = new.process.output_so_far().join("\n");
     assert!(log.contains("took_over=true"), "{log}");
-    old.process
-        .expect_line_containing("waiting for SIGTERM (--wait-after-handover)", WAIT)
-        .unwrap();
+    let waiting = old
+        .process
+        .expect_line_containing("waiting for SIGTERM (--wait-after-handover)", WAIT);
+    if let Err(e) = waiting {
+        let log = old.process.output_so_far().join("\n");
+        panic!("{e:#}\nthe old meshd's log:\n{log}");
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         vm_rss_kib(old.process.pid()) > 0,
