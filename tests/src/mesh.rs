@@ -93,9 +93,7 @@ impl Meshd {
 impl Meshd {
     /// meshd's Prometheus metrics, fetched from inside its node.
     pub fn metrics(&self, net: &TestNet, node: usize) -> Result<String> {
-        let script = "import urllib.request as u;\
-                      print(u.urlopen('http://127.0.0.1:15020/metrics').read().decode())";
-        net.exec(node, &["python3", "-c", script])
+        net.http_get(node, "http://127.0.0.1:15020/metrics")
     }
 }
 
@@ -116,6 +114,14 @@ impl Drop for Meshd {
 }
 
 impl TestNet {
+    /// The body of `GET url` from inside `node` (an HTTP error status's body too).
+    pub fn http_get(&self, node: usize, url: &str) -> Result<String> {
+        let script = "import sys, urllib.request as u, urllib.error as e\n\
+                      try: print(u.urlopen(sys.argv[1]).read().decode())\n\
+                      except e.HTTPError as x: print(x.read().decode())";
+        self.exec(node, &["python3", "-c", script, url])
+    }
+
     /// An echo server (testhosts-tool) listening on `listen` in `node`, in the workload cgroup
     /// `workload` (or the node's host cgroup), once it is ready.
     pub fn echo_server(

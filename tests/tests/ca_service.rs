@@ -345,8 +345,10 @@ fn wait_log(m: &mut Meshd, needle: &str, n: usize) {
 }
 
 fn admin_dump(net: &TestNet, node: usize) -> serde_json::Value {
-    let script = "import urllib.request as u;print(u.urlopen('http://127.0.0.1:15000/config_dump').read().decode())";
-    serde_json::from_str(&net.exec(node, &["python3", "-c", script]).unwrap()).unwrap()
+    let dump = net
+        .http_get(node, "http://127.0.0.1:15000/config_dump")
+        .unwrap();
+    serde_json::from_str(&dump).unwrap()
 }
 
 /// The CA service's log names each SVID it signed and for which node.

@@ -26,14 +26,9 @@ fn tool() -> String {
     sibling_binary("testhosts-tool").display().to_string()
 }
 
-/// GET `path` on meshd's admin port in `node`.
+/// GET `url` inside `node`.
 fn admin(net: &TestNet, node: usize, url: &str) -> String {
-    let script = format!(
-        "import urllib.request as u, urllib.error as e\n\
-         try: print(u.urlopen('{url}').read().decode())\n\
-         except e.HTTPError as x: print(x.read().decode())"
-    );
-    net.exec(node, &["python3", "-c", &script]).unwrap()
+    net.http_get(node, url).unwrap()
 }
 
 /// The addresses node's registry holds from the shared source, and its Service endpoints.

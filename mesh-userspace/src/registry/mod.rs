@@ -41,6 +41,8 @@ struct Index {
     /// Workloads at an address, newest registration first.
     workloads: HashMap<Ipv4Addr, Vec<Arc<WorkloadRecord>>>,
     services: HashMap<SocketAddrV4, Arc<ServiceTarget>>,
+    /// The addresses of `services`, for the per-connection "is this in the mesh" question.
+    service_ips: std::collections::HashSet<Ipv4Addr>,
 }
 
 #[derive(Debug)]
@@ -99,7 +101,7 @@ impl Registry {
     /// whatever `mesh.networks` says).
     pub fn knows(&self, ip: Ipv4Addr) -> bool {
         let index = self.index();
-        index.workloads.contains_key(&ip) || index.services.keys().any(|s| *s.ip() == ip)
+        index.workloads.contains_key(&ip) || index.service_ips.contains(&ip)
     }
 
     /// The endpoints of `service` in the order to try them: round robin over calls.
@@ -266,9 +268,11 @@ impl Registry {
                 );
             }
         }
+        let service_ips = services.keys().map(|s: &SocketAddrV4| *s.ip()).collect();
         *write(&self.index) = Arc::new(Index {
             workloads,
             services,
+            service_ips,
         });
     }
 
